@@ -1,0 +1,140 @@
+"""`adafactor`: the paper's algorithm as a chain of this package's transforms."""
+
+from typing import Any
+
+import jax
+import optax
+
+from adafactor_optax import _clipping
+from adafactor_optax import _factored
+from adafactor_optax import _momentum
+from adafactor_optax import _numerics
+from adafactor_optax import _schedules
+from adafactor_optax import _step_size
+
+
+def adafactor(
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    *,
+    min_dim_size_to_factor: int | None = None,
+    decay_rate: jax.typing.ArrayLike = 0.8,
+    decay_offset: jax.typing.ArrayLike = 0,
+    multiply_by_parameter_scale: bool = True,
+    clipping_threshold: jax.typing.ArrayLike | None = 1.0,
+    momentum: jax.typing.ArrayLike | None = None,
+    dtype_momentum: Any = "float32",
+    weight_decay_rate: optax.ScalarOrSchedule | None = None,
+    eps: jax.typing.ArrayLike = 1e-30,
+    factored: bool = True,
+    weight_decay_mask: Any = None,
+    eps2: jax.typing.ArrayLike = 1e-3,
+    max_relative_step: jax.typing.ArrayLike = 1e-2,
+    decay_schedule: Any = None,
+    stats_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Adafactor (Shazeer & Stern, 2018), exactly the paper's algorithm by default.
+
+  With no arguments this is PAPER.md Algorithm 4 (matrices) and 5 (the rest)
+  with Algorithm 6's hyperparameters::
+
+    alpha_t = max(eps2, RMS(X_{t-1})) * min(1e-2, 1/sqrt(t))   # relative step
+    b2_t    = 1 - t^-0.8
+    U_t     = G_t / sqrt(V_t)           # V_t factored: R_t C_t / mean(R_t)
+    Uc_t    = U_t / max(1, RMS(U_t)/d)  # d = 1
+    X_t     = X_{t-1} - alpha_t Uc_t
+
+  built as ``optax.chain(scale_by_factored_rms, clip_by_block_rms,
+  relative_step_size, [ema_momentum], [add_decayed_weights], scale(-1))``.
+
+  It takes `optax.adafactor`'s arguments with the same meanings, and with an
+  explicit `learning_rate` its updates equal `optax.adafactor`'s. The one
+  intended difference: ``learning_rate=None`` means the paper's relative step
+  rho_t = min(max_relative_step, 1/sqrt(t)), where `optax.adafactor` applies no
+  step size at all (every update then has the parameter's RMS).
+
+  Args:
+    learning_rate: rho_t, a constant or optax schedule. With
+      `multiply_by_parameter_scale` it is a relative step (scaled by the
+      parameter's RMS); without, an absolute one. None: the paper's rho_t.
+    min_dim_size_to_factor: factor the two largest axes of a parameter when
+      both have at least this many elements. None: 128, as optax.
+    decay_rate: c in ``b2_t = 1 - t^-c`` (> 0).
+    decay_offset: the count at which the decay schedule restarts (fine-tuning).
+    multiply_by_parameter_scale: scale the step by ``max(eps2, RMS(X))``.
+    clipping_threshold: d of the update clipping; None turns clipping off.
+    momentum: b1 of an exponential average of the step; None for none (the
+      paper's default, which keeps the memory sublinear).
+    dtype_momentum: dtype the momentum is stored in.
+    weight_decay_rate: decoupled weight decay, added after the step size (not
+      multiplied by it), as in optax.
+    eps: eps1, added to G^2 before the moving averages.
+    factored: False keeps every second moment whole (Table 2 rows A, B, ...).
+    weight_decay_mask: which parameters get weight decay (optax's mask).
+    eps2: the floor of the parameter scale.
+    max_relative_step: the cap of the default rho_t (used when
+      `learning_rate` is None).
+    decay_schedule: a schedule ``count -> b2_t`` replacing `decay_rate` and
+      `decay_offset`, e.g. `bias_corrected_decay(0.999)`.
+    stats_dtype: dtype of the second-moment statistics (default float32, or
+      float64 for float64 parameters).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: for a hyperparameter out of its range, or `learning_rate=None`
+      together with ``multiply_by_parameter_scale=False`` (no step size).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import adafactor_optax as ao
+    >>> params = {"w": jnp.ones((256, 128)), "b": jnp.zeros((128,))}
+    >>> tx = ao.adafactor()
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> # w: 1 - rho_1 * RMS(w) * 1;  b: 0 - rho_1 * eps2 * 1
+    >>> round(float(params["w"][0, 0]), 6), round(float(params["b"][0]), 9)
+    (0.99, -1e-05)
+
+  References:
+    Shazeer & Stern, Adafactor: Adaptive Learning Rates with Sublinear Memory
+    Cost, ICML 2018. https://arxiv.org/abs/1804.04235
+  """
+  if learning_rate is None and not multiply_by_parameter_scale:
+    raise ValueError(
+        "learning_rate=None (the relative step) needs multiply_by_parameter_scale"
+        "=True; give an absolute learning_rate to turn the parameter scale off."
+    )
+  if weight_decay_rate is not None and not callable(weight_decay_rate):
+    _numerics.check("weight_decay_rate", weight_decay_rate, lambda w: w >= 0, ">= 0")
+  if decay_schedule is None:
+    _numerics.check("decay_rate", decay_rate, lambda c: c > 0, "> 0")
+    decay_schedule = _schedules.increasing_decay(decay_rate, decay_offset)
+  if min_dim_size_to_factor is None:
+    min_dim_size_to_factor = _factored.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+
+  tx = [
+      _factored.scale_by_factored_rms(
+          decay=decay_schedule,
+          eps=eps,
+          factored=factored,
+          min_dim_size_to_factor=min_dim_size_to_factor,
+          stats_dtype=stats_dtype,
+      )
+  ]
+  if clipping_threshold is not None:
+    tx.append(_clipping.clip_by_block_rms(clipping_threshold))
+  if multiply_by_parameter_scale:
+    if learning_rate is None:
+      learning_rate = _schedules.inverse_sqrt_step(max_relative_step)
+    tx.append(_step_size.relative_step_size(learning_rate, eps2=eps2))
+  else:
+    tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+  if momentum is not None:
+    tx.append(_momentum.ema_momentum(momentum, accumulator_dtype=dtype_momentum))
+  if weight_decay_rate is not None:
+    tx.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
+  tx.append(optax.scale(-1.0))
+  return optax.chain(*tx)

@@ -1,0 +1,42 @@
+"""Update clipping (PAPER.md Algorithm 4, line Uc_t)."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adafactor_optax import _numerics
+
+
+def clip_by_block_rms(threshold: jax.typing.ArrayLike = 1.0) -> optax.GradientTransformation:
+  """Scales each parameter's update down to an RMS of at most `threshold`.
+
+  ``Uc = U / max(1, RMS(U) / d)``, with RMS taken over one parameter (a block)
+  and computed in at least float32, so float16 updates cannot overflow in it.
+  Updates whose RMS is below d are left unchanged.
+
+  Args:
+    threshold: d > 0, the largest RMS an update may have (the paper uses 1).
+
+  Returns:
+    A stateless `optax.GradientTransformation`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import adafactor_optax as ao
+    >>> tx = ao.clip_by_block_rms(1.0)
+    >>> u, _ = tx.update({"w": jnp.full((2, 2), 4.0)}, tx.init(None))
+    >>> float(u["w"][0, 0])
+    1.0
+  """
+  _numerics.check("clipping_threshold", threshold, lambda d: d > 0, "> 0")
+
+  def clip(u):
+    rms = _numerics.block_rms(u)
+    denom = jnp.maximum(1, rms / _numerics.as_dtype(threshold, rms.dtype))
+    return (_numerics.upcast(u) / denom).astype(u.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(clip, updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)

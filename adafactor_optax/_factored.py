@@ -1,0 +1,228 @@
+"""The factored second-moment estimate of Adafactor (PAPER.md Algorithms 4 and 5).
+
+For a matrix the second moment is kept as row and column averages, R (n) and
+C (m), and rebuilt as the rank-1 estimate ``V = R C / mean(R)``; vectors, and any
+parameter that is not factored, keep the whole second moment. Tensors of higher
+rank are batches of matrices: the two factored axes are chosen once, in `init`,
+and the other axes are batch axes.
+
+The statistics are stored with the reduced axis kept as size 1 (``v_row`` is
+n x 1, ``v_col`` is 1 x m), so their shapes say which axes they average over:
+`update` needs no factoring decision of its own, the state is its only record.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adafactor_optax import _numerics
+from adafactor_optax import _schedules
+
+DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
+
+
+class FactoredMoment(NamedTuple):
+  """Second-moment statistics of one factored parameter.
+
+  Attributes:
+    v_row: moving average of ``mean(G^2 + eps1)`` over the column axis; the
+      parameter's shape with the column axis set to 1.
+    v_col: moving average of ``mean(G^2 + eps1)`` over the row axis; the
+      parameter's shape with the row axis set to 1.
+  """
+
+  v_row: jax.Array
+  v_col: jax.Array
+
+
+class ScaleByFactoredRmsState(NamedTuple):
+  """State of `scale_by_factored_rms`.
+
+  Attributes:
+    count: number of updates made so far (int32, saturating).
+    nu: per parameter, a `FactoredMoment` for a factored parameter or an array
+      of the parameter's shape for one that is not.
+  """
+
+  count: jax.Array
+  nu: optax.Updates
+
+
+def factored_axes(
+    shape: tuple[int, ...],
+    min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
+) -> tuple[int, int] | None:
+  """The (row, column) axes a parameter of `shape` is factored over, or None.
+
+  The two largest axes, when both have at least `min_dim_size_to_factor`
+  elements; among equal sizes the later axis wins (as in `optax.adafactor`).
+
+  Args:
+    shape: the parameter's shape.
+    min_dim_size_to_factor: the smallest axis size worth factoring.
+
+  Returns:
+    ``(row_axis, col_axis)`` with ``row_axis < col_axis``, or None.
+
+  Example:
+    >>> import adafactor_optax as ao
+    >>> ao.factored_axes((512, 64, 2048)), ao.factored_axes((512,)), ao.factored_axes((512, 64))
+    ((0, 2), None, None)
+  """
+  if len(shape) < 2:
+    return None
+  by_size = sorted(range(len(shape)), key=lambda axis: shape[axis])
+  second, first = by_size[-2], by_size[-1]
+  if shape[second] < min_dim_size_to_factor:
+    return None
+  return min(second, first), max(second, first)
+
+
+def _with_unit_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+  return shape[:axis] + (1,) + shape[axis + 1 :]
+
+
+def _mean_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Mean of `x` over the axes where `shape` is 1, keeping them as size 1."""
+  axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+  return jnp.mean(x, axis=axes, keepdims=True) if axes else x
+
+
+def _moving_average(previous: jax.Array, value: jax.Array, b2: jax.Array) -> jax.Array:
+  b2 = b2.astype(value.dtype)
+  return (b2 * previous.astype(value.dtype) + (1 - b2) * value).astype(previous.dtype)
+
+
+def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.Array) -> Any:
+  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t)."""
+  dtype = _numerics.compute_dtype(grad.dtype)
+  grad_sq = jnp.square(jnp.abs(_numerics.upcast(grad))).astype(dtype)
+  grad_sq = grad_sq + _numerics.as_dtype(eps, dtype)
+  if isinstance(nu, FactoredMoment):
+    return FactoredMoment(
+        v_row=_moving_average(nu.v_row, _mean_to_shape(grad_sq, nu.v_row.shape), b2),
+        v_col=_moving_average(nu.v_col, _mean_to_shape(grad_sq, nu.v_col.shape), b2),
+    )
+  return _moving_average(nu, grad_sq, b2)
+
+
+def precondition(grad: jax.Array, nu: Any) -> jax.Array:
+  """``U = G / sqrt(V)``, with ``V = R C / mean(R)`` for a factored parameter.
+
+  The factored form is applied as two factors, ``(R / mean(R))^-1/2`` and
+  ``C^-1/2``, never as the product ``R C``, which underflows in float32 once
+  both are near eps1 = 1e-30.
+  """
+  dtype = _numerics.compute_dtype(grad.dtype)
+  g = _numerics.upcast(grad)
+  if isinstance(nu, FactoredMoment):
+    v_row = nu.v_row.astype(dtype)
+    row_mean = _mean_to_shape(v_row, nu.v_col.shape)
+    u = g * jax.lax.rsqrt(v_row / row_mean) * jax.lax.rsqrt(nu.v_col.astype(dtype))
+  else:
+    u = g * jax.lax.rsqrt(nu.astype(dtype))
+  return u.astype(grad.dtype)
+
+
+def _check_params_dtypes(params: optax.Params) -> None:
+  def check(path, p):
+    if not jnp.issubdtype(p.dtype, jnp.inexact):
+      raise TypeError(
+          f"scale_by_factored_rms: parameter {jax.tree_util.keystr(path)} has dtype "
+          f"{p.dtype}; only floating-point parameters can be optimised. Leave it "
+          "out of the tree given to the optimizer, or wrap the optimizer in "
+          "optax.masked with a mask that is False for it."
+      )
+
+  jax.tree_util.tree_map_with_path(check, params)
+
+
+def scale_by_factored_rms(
+    *,
+    decay: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = None,
+    eps: jax.typing.ArrayLike = 1e-30,
+    factored: bool = True,
+    min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
+    stats_dtype: Any = None,
+) -> optax.GradientTransformation:
+  """Scales updates by a factored estimate of their second moment.
+
+  For a parameter factored over rows and columns (PAPER.md Algorithm 4)::
+
+    R_t = b2_t R_{t-1} + (1 - b2_t) mean_cols(G_t^2 + eps1)
+    C_t = b2_t C_{t-1} + (1 - b2_t) mean_rows(G_t^2 + eps1)
+    U_t = G_t / sqrt(R_t C_t / mean(R_t))
+
+  and for any other parameter (Algorithm 5)
+  ``V_t = b2_t V_{t-1} + (1 - b2_t) (G_t^2 + eps1)``, ``U_t = G_t / sqrt(V_t)``.
+  Means instead of the paper's sums give the same V_t. Complex gradients use
+  ``|G|^2``.
+
+  Args:
+    decay: the schedule ``count -> b2_t`` (count = updates so far), or a
+      constant b2. Default `increasing_decay()`: ``1 - t^-0.8``.
+    eps: eps1, added to G^2 before the averages.
+    factored: whether to factor at all; False keeps every second moment whole.
+    min_dim_size_to_factor: factor the two largest axes when both have at least
+      this many elements (`factored_axes`).
+    stats_dtype: dtype the statistics are stored in. Default: float32, or
+      float64 for float64 parameters. They are always computed in at least
+      float32.
+
+  Returns:
+    An `optax.GradientTransformation`. Updates keep the gradients' dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import adafactor_optax as ao
+    >>> tx = ao.scale_by_factored_rms(min_dim_size_to_factor=2)
+    >>> params = {"w": jnp.ones((4, 3))}
+    >>> state = tx.init(params)
+    >>> state.nu["w"].v_row.shape, state.nu["w"].v_col.shape
+    ((4, 1), (1, 3))
+    >>> updates, state = tx.update({"w": jnp.full((4, 3), 0.5)}, state, params)
+    >>> float(updates["w"][0, 0])
+    1.0
+
+  References:
+    Shazeer & Stern, Adafactor: Adaptive Learning Rates with Sublinear Memory
+    Cost, ICML 2018. https://arxiv.org/abs/1804.04235
+  """
+  _numerics.check("eps", eps, lambda e: e >= 0, ">= 0")
+  _numerics.check(
+      "min_dim_size_to_factor", min_dim_size_to_factor, lambda n: n >= 1 and n == int(n),
+      "an integer >= 1")
+  if decay is None:
+    decay = _schedules.increasing_decay()
+  elif not callable(decay):
+    _numerics.check("decay", decay, lambda b: 0 <= b < 1, "in [0, 1) or a schedule")
+    decay = (lambda b2: lambda count: jnp.asarray(b2))(decay)
+
+  def init_moment(param):
+    dtype = stats_dtype or _numerics.compute_dtype(param.dtype)
+    axes = factored_axes(param.shape, int(min_dim_size_to_factor)) if factored else None
+    if axes is None:
+      return jnp.zeros(param.shape, dtype)
+    row_axis, col_axis = axes
+    return FactoredMoment(
+        v_row=jnp.zeros(_with_unit_axis(param.shape, col_axis), dtype),
+        v_col=jnp.zeros(_with_unit_axis(param.shape, row_axis), dtype),
+    )
+
+  def init_fn(params):
+    _check_params_dtypes(params)
+    return ScaleByFactoredRmsState(
+        count=jnp.zeros([], jnp.int32), nu=jax.tree.map(init_moment, params)
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    b2 = jnp.asarray(decay(state.count))
+    nu = jax.tree.map(lambda g, v: accumulate(g, v, b2, eps), updates, state.nu)
+    updates = jax.tree.map(precondition, updates, nu)
+    return updates, ScaleByFactoredRmsState(optax.safe_increment(state.count), nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,55 @@
+"""Momentum: an exponential moving average of the step (PAPER.md Table 2, row P)."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adafactor_optax import _numerics
+
+
+class EmaMomentumState(NamedTuple):
+  """State of `ema_momentum`: the moving average, one array per parameter."""
+
+  ema: optax.Updates
+
+
+def ema_momentum(
+    decay: jax.typing.ArrayLike = 0.9, *, accumulator_dtype: Any = "float32"
+) -> optax.GradientTransformation:
+  """``m_t = b1 m_{t-1} + (1 - b1) step_t``; the update is m_t.
+
+  The same as ``optax.ema(decay, debias=False, accumulator_dtype=...)`` and where
+  `optax.adafactor` places it, but computed in at least float32 and returned in
+  the updates' dtype, so bfloat16 updates with a float32 accumulator work under
+  strict dtype promotion.
+
+  Args:
+    decay: b1, in [0, 1).
+    accumulator_dtype: dtype the average is stored in (bfloat16 halves its
+      memory). Pass a string or `numpy.dtype` rather than `jnp.float32` when
+      wrapping in `optax.inject_hyperparams`, which calls callables.
+
+  Returns:
+    An `optax.GradientTransformation`.
+  """
+  _numerics.check("momentum", decay, lambda b: 0 <= b < 1, "in [0, 1)")
+  dtype = jnp.dtype(accumulator_dtype)
+
+  def init_fn(params):
+    return EmaMomentumState(ema=jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def average(u, m):
+      u32 = _numerics.upcast(u)
+      b1 = _numerics.as_dtype(decay, _numerics.compute_dtype(u32.dtype))
+      return (1 - b1) * u32 + b1 * m.astype(u32.dtype)
+
+    new = jax.tree.map(average, updates, state.ema)
+    updates = jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates)
+    return updates, EmaMomentumState(ema=jax.tree.map(lambda n: n.astype(dtype), new))
+
+  return optax.GradientTransformation(init_fn, update_fn)

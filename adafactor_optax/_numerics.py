@@ -1,0 +1,72 @@
+"""Dtype policy, block RMS and hyperparameter checks shared by the transforms."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def compute_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype the transforms compute and keep statistics in for `dtype`.
+
+  float32 for bfloat16, float16 and float32 values; float64 for float64 values
+  (under x64). Low-precision arithmetic never touches the statistics: f16 cannot
+  hold eps1 = 1e-30 and overflows for squared gradients above ~256.
+
+  Args:
+    dtype: the dtype of a parameter, gradient or update.
+
+  Returns:
+    A real floating dtype of at least 32 bits.
+  """
+  real = jnp.finfo(dtype).dtype  # complex64 -> float32, complex128 -> float64
+  return jnp.promote_types(real, jnp.float32)
+
+
+def upcast(x: jax.Array) -> jax.Array:
+  """`x` in at least 32-bit precision, complex values kept complex."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def as_dtype(value: jax.typing.ArrayLike, dtype: Any) -> jax.Array:
+  """A hyperparameter (Python number, array or tracer) cast to `dtype`.
+
+  Explicit, because `optax.inject_hyperparams` hands hyperparameters over in the
+  parameters' dtype and strict dtype promotion rejects mixing them.
+  """
+  return jnp.asarray(value).astype(dtype)
+
+
+def block_rms(x: jax.Array) -> jax.Array:
+  """RMS(x) = sqrt(mean(|x|^2)) over one whole block, in `compute_dtype`."""
+  return jnp.sqrt(jnp.mean(jnp.square(jnp.abs(upcast(x)))))
+
+
+def concrete_value(value: Any) -> float | None:
+  """`value` as a float, or None when it is traced (inject_hyperparams, jit)."""
+  try:
+    return float(np.asarray(value))
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None
+  except TypeError:
+    return None
+
+
+def check(name: str, value: Any, ok, requirement: str) -> None:
+  """Raises ValueError naming `name` when a concrete `value` fails `ok`.
+
+  Traced values (hyperparameters injected by `optax.inject_hyperparams` and
+  read inside `jax.jit`) cannot be checked and are let through.
+
+  Args:
+    name: the argument's name, as the user wrote it.
+    value: the argument.
+    ok: predicate on the value as a float.
+    requirement: what the value must be, for the message.
+  """
+  if callable(value):
+    return
+  v = concrete_value(value)
+  if v is not None and not ok(v):
+    raise ValueError(f"{name} must be {requirement}, got {value!r}.")

@@ -1,0 +1,105 @@
+"""Schedules of the paper: the second-moment decay b2_t and the step size rho_t.
+
+Every schedule here is a plain function of optax's update count, the number of
+updates made before this one (0 on the first update), the same convention as
+`optax.scale_by_schedule`. The paper counts steps from 1: ``t = count + 1``.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from adafactor_optax import _numerics
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def _step(count: jax.typing.ArrayLike, offset: jax.typing.ArrayLike = 0) -> jax.Array:
+  """The paper's t = count + 1 - offset in float32, never below 1."""
+  t = jnp.asarray(count) + 1 - jnp.asarray(offset)
+  return jnp.maximum(t, 1).astype(jnp.float32)
+
+
+def increasing_decay(
+    exponent: jax.typing.ArrayLike = 0.8, offset: jax.typing.ArrayLike = 0
+) -> Schedule:
+  """The increasing decay ``b2_t = 1 - t^(-c)`` (PAPER.md Algorithm 6).
+
+  ``b2_1 = 0``, so the first statistics are the first squared gradient and no
+  bias correction is needed. For ``c <= 1`` old gradients fade; ``c = 1`` is a
+  running average.
+
+  Args:
+    exponent: c > 0; the paper proposes 0.8 and also tries 0.5 and 1.0.
+    offset: for fine-tuning, the count at which the schedule restarts (as
+      `decay_offset` of `optax.adafactor`). Before it, ``t`` is clamped to 1
+      (``b2 = 0``) instead of going negative.
+
+  Returns:
+    A schedule ``count -> b2_t``.
+
+  Example:
+    >>> import adafactor_optax as ao
+    >>> float(ao.increasing_decay(0.8)(0)), round(float(ao.increasing_decay(1.0)(3)), 2)
+    (0.0, 0.75)
+  """
+  _numerics.check("exponent", exponent, lambda c: c > 0, "> 0")
+
+  def schedule(count):
+    return 1.0 - _step(count, offset) ** -jnp.asarray(exponent, jnp.float32)
+
+  return schedule
+
+
+def bias_corrected_decay(b2: jax.typing.ArrayLike = 0.999) -> Schedule:
+  """Adam's constant b2 with the bias correction folded in (PAPER.md Algorithm 3).
+
+  ``b2_t = b2 (1 - b2^(t-1)) / (1 - b2^t)``: a moving average with this decay
+  and zero initial state equals Adam's bias-corrected average with decay `b2`.
+
+  Args:
+    b2: the constant decay, in [0, 1).
+
+  Returns:
+    A schedule ``count -> b2_t``.
+  """
+  _numerics.check("b2", b2, lambda b: 0 <= b < 1, "in [0, 1)")
+
+  def schedule(count):
+    t = _step(count)
+    beta = jnp.asarray(b2, jnp.float32)
+    return beta * (1.0 - beta ** (t - 1.0)) / (1.0 - beta**t)
+
+  return schedule
+
+
+def inverse_sqrt_step(
+    max_step: jax.typing.ArrayLike = 1e-2,
+    warmup_rate: jax.typing.ArrayLike | None = None,
+) -> Schedule:
+  """The paper's step schedule ``s_t = min(max_step, 1/sqrt(t))``.
+
+  With `warmup_rate` it is the paper's warmup schedule
+  ``s_t = min(max_step, warmup_rate * t, 1/sqrt(t))`` (the paper uses 1e-6 and
+  no cap). Used as the relative step rho_t it is Algorithm 6's default.
+
+  Args:
+    max_step: the cap (1e-2 in the paper).
+    warmup_rate: slope of a linear warmup, or None for no warmup.
+
+  Returns:
+    A schedule ``count -> s_t``.
+  """
+  _numerics.check("max_step", max_step, lambda s: s > 0, "> 0")
+  if warmup_rate is not None:
+    _numerics.check("warmup_rate", warmup_rate, lambda s: s > 0, "> 0")
+
+  def schedule(count):
+    t = _step(count)
+    step = jnp.minimum(jnp.asarray(max_step, jnp.float32), jax.lax.rsqrt(t))
+    if warmup_rate is not None:
+      step = jnp.minimum(step, jnp.asarray(warmup_rate, jnp.float32) * t)
+    return step
+
+  return schedule

@@ -1,0 +1,71 @@
+"""Relative step size (PAPER.md Algorithm 4, line alpha_t)."""
+
+from typing import NamedTuple
+
+import jax
+import optax
+
+from adafactor_optax import _numerics
+from adafactor_optax import _schedules
+
+
+class RelativeStepSizeState(NamedTuple):
+  """State of `relative_step_size`: the number of updates so far."""
+
+  count: jax.Array
+
+
+def relative_step_size(
+    step_size: optax.ScalarOrSchedule | None = None,
+    *,
+    eps2: jax.typing.ArrayLike = 1e-3,
+) -> optax.GradientTransformation:
+  """Scales each parameter's update by ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t``.
+
+  The step is relative to the parameter's own scale, so parameters of very
+  different scales move at the same relative rate; eps2 lets parameters that
+  start at zero move at all. RMS is taken over one parameter, in at least
+  float32.
+
+  Args:
+    step_size: rho_t, a constant or any optax schedule of the update count.
+      Default: the paper's ``min(1e-2, 1/sqrt(t))`` (`inverse_sqrt_step()`).
+    eps2: the floor of the parameter scale (1e-3 in the paper).
+
+  Returns:
+    An `optax.GradientTransformation`; its update needs `params`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import adafactor_optax as ao
+    >>> tx = ao.relative_step_size()
+    >>> params = {"w": jnp.full((2, 2), 3.0)}
+    >>> u, _ = tx.update({"w": jnp.ones((2, 2))}, tx.init(params), params)
+    >>> round(float(u["w"][0, 0]), 6)  # rho_1 = 1e-2, RMS(X) = 3
+    0.03
+  """
+  _numerics.check("eps2", eps2, lambda e: e >= 0, ">= 0")
+  if step_size is None:
+    step_size = _schedules.inverse_sqrt_step()
+  elif not callable(step_size):
+    _numerics.check("learning_rate", step_size, lambda s: s >= 0, ">= 0")
+
+  def init_fn(params):
+    del params
+    return RelativeStepSizeState(count=jax.numpy.zeros([], jax.numpy.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("relative_step_size needs params: call update(updates, state, params).")
+    rho = step_size(state.count) if callable(step_size) else step_size
+
+    def scale(u, p):
+      p_rms = _numerics.block_rms(p)
+      dtype = p_rms.dtype
+      p_scale = jax.numpy.maximum(_numerics.as_dtype(eps2, dtype), p_rms)
+      return (_numerics.upcast(u) * _numerics.as_dtype(rho, dtype) * p_scale).astype(u.dtype)
+
+    updates = jax.tree.map(scale, updates, params)
+    return updates, RelativeStepSizeState(optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
