@@ -22,7 +22,7 @@ def adafactor(
     multiply_by_parameter_scale: bool = True,
     clipping_threshold: jax.typing.ArrayLike | None = 1.0,
     momentum: jax.typing.ArrayLike | None = None,
-    dtype_momentum: Any = "float32",
+    dtype_momentum: Any = None,
     weight_decay_rate: optax.ScalarOrSchedule | None = None,
     eps: jax.typing.ArrayLike = 1e-30,
     factored: bool = True,
@@ -64,7 +64,8 @@ def adafactor(
     clipping_threshold: d of the update clipping; None turns clipping off.
     momentum: b1 of an exponential average of the step; None for none (the
       paper's default, which keeps the memory sublinear).
-    dtype_momentum: dtype the momentum is stored in.
+    dtype_momentum: dtype the momentum is stored in. None: float32, or float64
+      for float64 parameters (optax: always float32).
     weight_decay_rate: decoupled weight decay, added after the step size (not
       multiplied by it), as in optax.
     eps: eps1, added to G^2 before the moving averages.

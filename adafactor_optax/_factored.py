@@ -202,7 +202,7 @@ def scale_by_factored_rms(
     decay = (lambda b2: lambda count: jnp.asarray(b2))(decay)
 
   def init_moment(param):
-    dtype = stats_dtype or _numerics.compute_dtype(param.dtype)
+    dtype = _numerics.compute_dtype(param.dtype) if stats_dtype is None else stats_dtype
     axes = factored_axes(param.shape, int(min_dim_size_to_factor)) if factored else None
     if axes is None:
       return jnp.zeros(param.shape, dtype)

@@ -16,7 +16,7 @@ class EmaMomentumState(NamedTuple):
 
 
 def ema_momentum(
-    decay: jax.typing.ArrayLike = 0.9, *, accumulator_dtype: Any = "float32"
+    decay: jax.typing.ArrayLike = 0.9, *, accumulator_dtype: Any = None
 ) -> optax.GradientTransformation:
   """``m_t = b1 m_{t-1} + (1 - b1) step_t``; the update is m_t.
 
@@ -28,17 +28,23 @@ def ema_momentum(
   Args:
     decay: b1, in [0, 1).
     accumulator_dtype: dtype the average is stored in (bfloat16 halves its
-      memory). Pass a string or `numpy.dtype` rather than `jnp.float32` when
+      memory). Default: float32, or float64 for float64 parameters. Pass a string or `numpy.dtype` rather than `jnp.float32` when
       wrapping in `optax.inject_hyperparams`, which calls callables.
 
   Returns:
     An `optax.GradientTransformation`.
   """
   _numerics.check("momentum", decay, lambda b: 0 <= b < 1, "in [0, 1)")
-  dtype = jnp.dtype(accumulator_dtype)
+
+  def storage_dtype(x):
+    if accumulator_dtype is None:
+      return _numerics.compute_dtype(x.dtype)
+    return jnp.dtype(accumulator_dtype)
 
   def init_fn(params):
-    return EmaMomentumState(ema=jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params))
+    return EmaMomentumState(
+        ema=jax.tree.map(lambda p: jnp.zeros(p.shape, storage_dtype(p)), params)
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -50,6 +56,7 @@ def ema_momentum(
 
     new = jax.tree.map(average, updates, state.ema)
     updates = jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates)
-    return updates, EmaMomentumState(ema=jax.tree.map(lambda n: n.astype(dtype), new))
+    ema = jax.tree.map(lambda n, m: n.astype(m.dtype), new, state.ema)
+    return updates, EmaMomentumState(ema=ema)
 
   return optax.GradientTransformation(init_fn, update_fn)

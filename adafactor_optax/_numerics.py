@@ -21,12 +21,12 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
     A real floating dtype of at least 32 bits.
   """
   real = jnp.finfo(dtype).dtype  # complex64 -> float32, complex128 -> float64
-  return jnp.promote_types(real, jnp.float32)
+  return real if real.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 def upcast(x: jax.Array) -> jax.Array:
   """`x` in at least 32-bit precision, complex values kept complex."""
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return x if jnp.finfo(x.dtype).bits >= 32 else x.astype(jnp.float32)
 
 
 def as_dtype(value: jax.typing.ArrayLike, dtype: Any) -> jax.Array:

@@ -9,16 +9,22 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adafactor_optax import _numerics
 
 Schedule = Callable[[jax.Array], jax.Array]
 
 
+def _float(x: jax.typing.ArrayLike) -> jax.Array:
+  """`x` in JAX's default float: float32, or float64 under x64."""
+  return jnp.asarray(x, dtype=float)
+
+
 def _step(count: jax.typing.ArrayLike, offset: jax.typing.ArrayLike = 0) -> jax.Array:
-  """The paper's t = count + 1 - offset in float32, never below 1."""
+  """The paper's t = count + 1 - offset as a float, never below 1."""
   t = jnp.asarray(count) + 1 - jnp.asarray(offset)
-  return jnp.maximum(t, 1).astype(jnp.float32)
+  return _float(jnp.maximum(t, 1))
 
 
 def increasing_decay(
@@ -47,7 +53,7 @@ def increasing_decay(
   _numerics.check("exponent", exponent, lambda c: c > 0, "> 0")
 
   def schedule(count):
-    return 1.0 - _step(count, offset) ** -jnp.asarray(exponent, jnp.float32)
+    return 1.0 - _step(count, offset) ** -_float(exponent)
 
   return schedule
 
@@ -65,11 +71,15 @@ def bias_corrected_decay(b2: jax.typing.ArrayLike = 0.999) -> Schedule:
     A schedule ``count -> b2_t``.
   """
   _numerics.check("b2", b2, lambda b: 0 <= b < 1, "in [0, 1)")
+  # 1 - b2^t as -expm1(t log b2): in float32 the direct form loses five digits
+  # to cancellation for b2 = 0.999; log b2 is taken in float64 when b2 is known.
+  concrete = _numerics.concrete_value(b2)
+  log_b2 = np.log(concrete) if concrete is not None else None
 
   def schedule(count):
     t = _step(count)
-    beta = jnp.asarray(b2, jnp.float32)
-    return beta * (1.0 - beta ** (t - 1.0)) / (1.0 - beta**t)
+    log_beta = _float(log_b2) if log_b2 is not None else jnp.log(_float(b2))
+    return _float(b2) * jnp.expm1((t - 1.0) * log_beta) / jnp.expm1(t * log_beta)
 
   return schedule
 
@@ -97,9 +107,9 @@ def inverse_sqrt_step(
 
   def schedule(count):
     t = _step(count)
-    step = jnp.minimum(jnp.asarray(max_step, jnp.float32), jax.lax.rsqrt(t))
+    step = jnp.minimum(_float(max_step), jax.lax.rsqrt(t))
     if warmup_rate is not None:
-      step = jnp.minimum(step, jnp.asarray(warmup_rate, jnp.float32) * t)
+      step = jnp.minimum(step, _float(warmup_rate) * t)
     return step
 
   return schedule
