@@ -108,6 +108,8 @@ def adafactor(
         "learning_rate=None (the relative step) needs multiply_by_parameter_scale"
         "=True; give an absolute learning_rate to turn the parameter scale off."
     )
+  if learning_rate is not None and not callable(learning_rate):
+    _numerics.check("learning_rate", learning_rate, lambda s: s >= 0, ">= 0")
   if weight_decay_rate is not None and not callable(weight_decay_rate):
     _numerics.check("weight_decay_rate", weight_decay_rate, lambda w: w >= 0, ">= 0")
   if decay_schedule is None:

@@ -48,7 +48,7 @@ def relative_step_size(
   if step_size is None:
     step_size = _schedules.inverse_sqrt_step()
   elif not callable(step_size):
-    _numerics.check("learning_rate", step_size, lambda s: s >= 0, ">= 0")
+    _numerics.check("step_size", step_size, lambda s: s >= 0, ">= 0")
 
   def init_fn(params):
     del params
