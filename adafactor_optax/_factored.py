@@ -201,9 +201,9 @@ def scale_by_factored_rms(
     _numerics.check("decay", decay, lambda b: 0 <= b < 1, "in [0, 1) or a schedule")
     decay = (lambda b2: lambda count: jnp.asarray(b2))(decay)
 
-  def init_moment(param):
+  def init_moment(param, min_dim):
     dtype = _numerics.compute_dtype(param.dtype) if stats_dtype is None else stats_dtype
-    axes = factored_axes(param.shape, int(min_dim_size_to_factor)) if factored else None
+    axes = factored_axes(param.shape, min_dim) if factored else None
     if axes is None:
       return jnp.zeros(param.shape, dtype)
     row_axis, col_axis = axes
@@ -214,9 +214,16 @@ def scale_by_factored_rms(
 
   def init_fn(params):
     _check_params_dtypes(params)
-    return ScaleByFactoredRmsState(
-        count=jnp.zeros([], jnp.int32), nu=jax.tree.map(init_moment, params)
-    )
+    min_dim = _numerics.concrete_value(min_dim_size_to_factor)
+    if min_dim is None:
+      raise ValueError(
+          "min_dim_size_to_factor is traced, but the state's shapes depend on it. "
+          "optax.inject_hyperparams turns integers into traced hyperparameters inside "
+          "a jitted init: leave min_dim_size_to_factor at its default (None), call "
+          "init outside jit, or pass static_args=('min_dim_size_to_factor',)."
+      )
+    nu = jax.tree.map(lambda p: init_moment(p, int(min_dim)), params)
+    return ScaleByFactoredRmsState(count=jnp.zeros([], jnp.int32), nu=nu)
 
   def update_fn(updates, state, params=None):
     del params
