@@ -6,6 +6,8 @@ from adafactor_optax._factored import FactoredMoment
 from adafactor_optax._factored import ScaleByFactoredRmsState
 from adafactor_optax._factored import factored_axes
 from adafactor_optax._factored import scale_by_factored_rms
+from adafactor_optax._finite import SkipNonFiniteState
+from adafactor_optax._finite import skip_non_finite
 from adafactor_optax._momentum import EmaMomentumState
 from adafactor_optax._momentum import ema_momentum
 from adafactor_optax._schedules import bias_corrected_decay
@@ -21,6 +23,7 @@ __all__ = (
     "FactoredMoment",
     "RelativeStepSizeState",
     "ScaleByFactoredRmsState",
+    "SkipNonFiniteState",
     "adafactor",
     "bias_corrected_decay",
     "clip_by_block_rms",
@@ -30,4 +33,5 @@ __all__ = (
     "inverse_sqrt_step",
     "relative_step_size",
     "scale_by_factored_rms",
+    "skip_non_finite",
 )

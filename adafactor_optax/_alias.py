@@ -7,6 +7,7 @@ import optax
 
 from adafactor_optax import _clipping
 from adafactor_optax import _factored
+from adafactor_optax import _finite
 from adafactor_optax import _momentum
 from adafactor_optax import _numerics
 from adafactor_optax import _schedules
@@ -31,6 +32,7 @@ def adafactor(
     max_relative_step: jax.typing.ArrayLike = 1e-2,
     decay_schedule: Any = None,
     stats_dtype: Any = None,
+    skip_non_finite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor (Shazeer & Stern, 2018), exactly the paper's algorithm by default.
 
@@ -78,6 +80,8 @@ def adafactor(
       `decay_offset`, e.g. `bias_corrected_decay(0.999)`.
     stats_dtype: dtype of the second-moment statistics (default float32, or
       float64 for float64 parameters).
+    skip_non_finite: skip every step whose gradients hold a NaN or Inf
+      (parameters and state unchanged) and count them (`skip_non_finite`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -140,4 +144,5 @@ def adafactor(
   if weight_decay_rate is not None:
     tx.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
   tx.append(optax.scale(-1.0))
-  return optax.chain(*tx)
+  chain = optax.chain(*tx)
+  return _finite.skip_non_finite(chain) if skip_non_finite else chain

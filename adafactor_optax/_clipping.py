@@ -33,7 +33,8 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike = 1.0) -> optax.GradientTr
   def clip(u):
     rms = _numerics.block_rms(u)
     denom = jnp.maximum(1, rms / _numerics.as_dtype(threshold, rms.dtype))
-    return (_numerics.upcast(u) / denom).astype(u.dtype)
+    u_wide = _numerics.upcast(u)
+    return (u_wide / denom.astype(u_wide.dtype)).astype(u.dtype)
 
   def update_fn(updates, state, params=None):
     del params

@@ -121,9 +121,10 @@ def precondition(grad: jax.Array, nu: Any) -> jax.Array:
   if isinstance(nu, FactoredMoment):
     v_row = nu.v_row.astype(dtype)
     row_mean = _mean_to_shape(v_row, nu.v_col.shape)
-    u = g * jax.lax.rsqrt(v_row / row_mean) * jax.lax.rsqrt(nu.v_col.astype(dtype))
+    row_factor = jax.lax.rsqrt(v_row / row_mean).astype(g.dtype)
+    u = g * row_factor * jax.lax.rsqrt(nu.v_col.astype(dtype)).astype(g.dtype)
   else:
-    u = g * jax.lax.rsqrt(nu.astype(dtype))
+    u = g * jax.lax.rsqrt(nu.astype(dtype)).astype(g.dtype)
   return u.astype(grad.dtype)
 
 
@@ -138,6 +139,16 @@ def _check_params_dtypes(params: optax.Params) -> None:
       )
 
   jax.tree_util.tree_map_with_path(check, params)
+
+
+def _check_same_structure(updates: optax.Updates, nu: optax.Updates) -> None:
+  expected = jax.tree.structure(nu, is_leaf=lambda x: isinstance(x, FactoredMoment))
+  got = jax.tree.structure(updates)
+  if got != expected:
+    raise ValueError(
+        "scale_by_factored_rms: the gradients' tree structure differs from the "
+        f"parameters' the state was built for.\n  gradients:  {got}\n  parameters: {expected}"
+    )
 
 
 def scale_by_factored_rms(
@@ -227,6 +238,7 @@ def scale_by_factored_rms(
 
   def update_fn(updates, state, params=None):
     del params
+    _check_same_structure(updates, state.nu)
     b2 = jnp.asarray(decay(state.count))
     nu = jax.tree.map(lambda g, v: accumulate(g, v, b2, eps), updates, state.nu)
     updates = jax.tree.map(precondition, updates, nu)

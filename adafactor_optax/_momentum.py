@@ -38,7 +38,7 @@ def ema_momentum(
 
   def storage_dtype(x):
     if accumulator_dtype is None:
-      return _numerics.compute_dtype(x.dtype)
+      return _numerics.upcast_dtype(x.dtype)
     return jnp.dtype(accumulator_dtype)
 
   def init_fn(params):
@@ -51,7 +51,7 @@ def ema_momentum(
 
     def average(u, m):
       u32 = _numerics.upcast(u)
-      b1 = _numerics.as_dtype(decay, _numerics.compute_dtype(u32.dtype))
+      b1 = _numerics.as_dtype(decay, _numerics.compute_dtype(u32.dtype)).astype(u32.dtype)
       return (1 - b1) * u32 + b1 * m.astype(u32.dtype)
 
     new = jax.tree.map(average, updates, state.ema)

@@ -26,7 +26,13 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
 def upcast(x: jax.Array) -> jax.Array:
   """`x` in at least 32-bit precision, complex values kept complex."""
-  return x if jnp.finfo(x.dtype).bits >= 32 else x.astype(jnp.float32)
+  return x.astype(upcast_dtype(x.dtype))
+
+
+def upcast_dtype(dtype: Any) -> jnp.dtype:
+  """`dtype` widened to at least 32 bits; complex stays complex."""
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
 def as_dtype(value: jax.typing.ArrayLike, dtype: Any) -> jax.Array:

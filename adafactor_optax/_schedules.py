@@ -23,8 +23,9 @@ def _float(x: jax.typing.ArrayLike) -> jax.Array:
 
 def _step(count: jax.typing.ArrayLike, offset: jax.typing.ArrayLike = 0) -> jax.Array:
   """The paper's t = count + 1 - offset as a float, never below 1."""
-  t = jnp.asarray(count) + 1 - jnp.asarray(offset)
-  return _float(jnp.maximum(t, 1))
+  # In floating point: count + 1 would wrap an int32 count that has saturated at 2**31 - 1.
+  t = _float(count) + 1 - _float(offset)
+  return jnp.maximum(t, 1)
 
 
 def increasing_decay(

@@ -63,7 +63,10 @@ def relative_step_size(
       p_rms = _numerics.block_rms(p)
       dtype = p_rms.dtype
       p_scale = jax.numpy.maximum(_numerics.as_dtype(eps2, dtype), p_rms)
-      return (_numerics.upcast(u) * _numerics.as_dtype(rho, dtype) * p_scale).astype(u.dtype)
+      u_wide = _numerics.upcast(u)
+      alpha_dtype = u_wide.dtype
+      rho_t = _numerics.as_dtype(rho, dtype).astype(alpha_dtype)
+      return (u_wide * rho_t * p_scale.astype(alpha_dtype)).astype(u.dtype)
 
     updates = jax.tree.map(scale, updates, params)
     return updates, RelativeStepSizeState(optax.safe_increment(state.count))

@@ -1,0 +1,67 @@
+"""Skipping steps whose gradients are not finite."""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class SkipNonFiniteState(NamedTuple):
+  """State of `skip_non_finite`.
+
+  Attributes:
+    inner_state: the wrapped transformation's state.
+    skipped: how many steps were skipped so far (int32, saturating).
+  """
+
+  inner_state: Any
+  skipped: jax.Array
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every element of every leaf of `tree` is finite."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.stack(checks).all() if checks else jnp.asarray(True)
+
+
+def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Wraps `inner` so that a step with any NaN or Inf gradient changes nothing.
+
+  On such a step the updates are zero and `inner`'s state is kept as it was, so
+  neither the parameters nor the statistics see the bad values; `skipped`
+  counts these steps. Unlike `optax.apply_if_finite`, a run of bad steps never
+  falls through to applying them. Works inside `jax.jit`: both branches are
+  computed and selected elementwise.
+
+  Args:
+    inner: the transformation to protect.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import adafactor_optax as ao
+    >>> tx = ao.skip_non_finite(ao.adafactor())
+    >>> params = jnp.ones(3)
+    >>> u, state = tx.update(jnp.array([1.0, jnp.nan, 2.0]), tx.init(params), params)
+    >>> u.tolist(), int(state.skipped)
+    ([0.0, 0.0, 0.0], 1)
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return SkipNonFiniteState(inner.init(params), jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    finite = all_finite(updates)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    new_updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), new_updates)
+    inner_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), new_inner, state.inner_state
+    )
+    skipped = jnp.where(finite, state.skipped, optax.safe_increment(state.skipped))
+    return new_updates, SkipNonFiniteState(inner_state, skipped)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
