@@ -62,6 +62,6 @@ def run_scan(tx, params, grads_stacked):
 
 
 def rel_err(actual, expected):
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  actual, expected = np.asarray(actual), np.asarray(expected)
   scale = np.max(np.abs(expected)) if expected.size else 0.0
   return float(np.max(np.abs(actual - expected)) / scale) if scale > 0 else float(np.max(np.abs(actual), initial=0.0))
