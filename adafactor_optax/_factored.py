@@ -97,34 +97,69 @@ def _moving_average(previous: jax.Array, value: jax.Array, b2: jax.Array) -> jax
 
 
 def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.Array) -> Any:
-  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t)."""
-  dtype = _numerics.compute_dtype(grad.dtype)
-  grad_sq = jnp.square(jnp.abs(_numerics.upcast(grad))).astype(dtype)
-  grad_sq = grad_sq + _numerics.as_dtype(eps, dtype)
-  if isinstance(nu, FactoredMoment):
-    return FactoredMoment(
-        v_row=_moving_average(nu.v_row, _mean_to_shape(grad_sq, nu.v_row.shape), b2),
-        v_col=_moving_average(nu.v_col, _mean_to_shape(grad_sq, nu.v_col.shape), b2),
-    )
-  return _moving_average(nu, grad_sq, b2)
+  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t).
 
-
-def precondition(grad: jax.Array, nu: Any) -> jax.Array:
-  """``U = G / sqrt(V)``, with ``V = R C / mean(R)`` for a factored parameter.
-
-  The factored form is applied as two factors, ``(R / mean(R))^-1/2`` and
-  ``C^-1/2``, never as the product ``R C``, which underflows in float32 once
-  both are near eps1 = 1e-30.
+  A factored parameter's row and column means are taken of ``G^2`` and eps1 is
+  added to the means, ``mean(G^2) + eps1 = mean(G^2 + eps1)``: the reductions
+  then read the gradient directly and no full-size ``G^2 + eps1`` is formed.
   """
   dtype = _numerics.compute_dtype(grad.dtype)
-  g = _numerics.upcast(grad)
+  grad_sq = jnp.square(jnp.abs(_numerics.upcast(grad))).astype(dtype)
+  eps = _numerics.as_dtype(eps, dtype)
+  if isinstance(nu, FactoredMoment):
+    return FactoredMoment(
+        v_row=_moving_average(nu.v_row, _mean_to_shape(grad_sq, nu.v_row.shape) + eps, b2),
+        v_col=_moving_average(nu.v_col, _mean_to_shape(grad_sq, nu.v_col.shape) + eps, b2),
+    )
+  return _moving_average(nu, grad_sq + eps, b2)
+
+
+def _inverse_sqrt_factors(nu: Any, dtype: Any) -> tuple[jax.Array, ...]:
+  """Arrays whose product (broadcast) is ``V^-1/2``: two small ones when factored.
+
+  The factored form is ``(R / mean(R))^-1/2`` and ``C^-1/2``, never the
+  product ``R C``, which underflows in float32 once both are near eps1 = 1e-30.
+  """
   if isinstance(nu, FactoredMoment):
     v_row = nu.v_row.astype(dtype)
     row_mean = _mean_to_shape(v_row, nu.v_col.shape)
-    u = g * jax.lax.rsqrt(v_row / row_mean) * jax.lax.rsqrt(nu.v_col.astype(dtype))
-  else:
-    u = g * jax.lax.rsqrt(nu.astype(dtype))
+    return jax.lax.rsqrt(v_row / row_mean), jax.lax.rsqrt(nu.v_col.astype(dtype))
+  return (jax.lax.rsqrt(nu.astype(dtype)),)
+
+
+def precondition(grad: jax.Array, nu: Any, scale: jax.Array | None = None) -> jax.Array:
+  """``U = G / sqrt(V)``, with ``V = R C / mean(R)`` for a factored parameter.
+
+  Args:
+    grad: G, the gradient of one parameter.
+    nu: its statistics after `accumulate`.
+    scale: an optional scalar (in the compute dtype) multiplied in before the
+      result is cast back to the gradient's dtype.
+
+  Returns:
+    U (times `scale`), in the gradient's dtype.
+  """
+  dtype = _numerics.compute_dtype(grad.dtype)
+  u = _numerics.upcast(grad)
+  for factor in _inverse_sqrt_factors(nu, dtype):
+    u = u * factor
+  if scale is not None:
+    u = u * scale
   return u.astype(grad.dtype)
+
+
+def preconditioned_mean_square(grad: jax.Array, nu: Any) -> jax.Array:
+  """``mean(|U|^2)`` of ``U = precondition(grad, nu)``, without forming U.
+
+  ``|U|^2 = |G|^2 (V^-1/2)^2``, summed as ``|G|^2`` times the squared small
+  factors: the reduction reads G itself, so a compiled step needs no full-size
+  temporary for U. Computed in `compute_dtype` (U not rounded to G's dtype).
+  """
+  dtype = _numerics.compute_dtype(grad.dtype)
+  weighted = jnp.square(jnp.abs(_numerics.upcast(grad))).astype(dtype)
+  for factor in _inverse_sqrt_factors(nu, dtype):
+    weighted = weighted * jnp.square(factor)
+  return jnp.mean(weighted)
 
 
 def _check_params_dtypes(params: optax.Params) -> None:
