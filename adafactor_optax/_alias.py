@@ -7,6 +7,7 @@ import optax
 
 from adafactor_optax import _clipping
 from adafactor_optax import _factored
+from adafactor_optax import _fused
 from adafactor_optax import _momentum
 from adafactor_optax import _numerics
 from adafactor_optax import _schedules
@@ -138,4 +139,14 @@ def adafactor(
   if weight_decay_rate is not None:
     tx.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
   tx.append(optax.scale(-1.0))
-  return optax.chain(*tx)
+  if not multiply_by_parameter_scale:
+    return optax.chain(*tx)
+  # The same chain, its first links computed parameter by parameter (_fused.py).
+  return _fused.fuse_head(
+      tx,
+      decay=decay_schedule,
+      eps=eps,
+      clipping_threshold=clipping_threshold,
+      step_size=learning_rate,
+      eps2=eps2,
+  )

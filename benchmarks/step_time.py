@@ -45,7 +45,7 @@ class TreeConfig(NamedTuple):
 
 # Layer counts are fixed so that every size has the same ~200 leaves.
 SIZES = {
-    "smoke": TreeConfig(vocab=256, d_model=128, d_mlp=256, layers=1, scanned_layers=2),
+    "smoke": TreeConfig(vocab=256, d_model=128, d_mlp=256, layers=0, scanned_layers=1),
     "10m": TreeConfig(vocab=4096, d_model=256, d_mlp=1024, layers=12, scanned_layers=4),
     "50m": TreeConfig(vocab=8192, d_model=512, d_mlp=2048, layers=12, scanned_layers=4),
     "100m": TreeConfig(vocab=8192, d_model=704, d_mlp=2816, layers=12, scanned_layers=4),
@@ -90,6 +90,13 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
       "optax.adafactor": optax.adafactor(learning_rate=1e-2),
       "ours": ao.adafactor(),
       "ours+momentum": ao.adafactor(momentum=0.9),
+      # The same algorithm built by hand from the public transforms, unfused.
+      "ours as chain": optax.chain(
+          ao.scale_by_factored_rms(),
+          ao.clip_by_block_rms(1.0),
+          ao.relative_step_size(),
+          optax.scale(-1.0),
+      ),
   }
 
 
