@@ -7,6 +7,11 @@ import optax
 from adafactor_optax import _numerics
 
 
+def clipping_denominator(rms: jax.Array, threshold: jax.typing.ArrayLike) -> jax.Array:
+  """``max(1, RMS(U) / d)``, the divisor of update clipping, in `rms`'s dtype."""
+  return jnp.maximum(1, rms / _numerics.as_dtype(threshold, rms.dtype))
+
+
 def clip_by_block_rms(threshold: jax.typing.ArrayLike = 1.0) -> optax.GradientTransformation:
   """Scales each parameter's update down to an RMS of at most `threshold`.
 
@@ -31,9 +36,8 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike = 1.0) -> optax.GradientTr
   _numerics.check("clipping_threshold", threshold, lambda d: d > 0, "> 0")
 
   def clip(u):
-    rms = _numerics.block_rms(u)
-    denom = jnp.maximum(1, rms / _numerics.as_dtype(threshold, rms.dtype))
     u_wide = _numerics.upcast(u)
+    denom = clipping_denominator(_numerics.block_rms(u), threshold)
     return (u_wide / denom.astype(u_wide.dtype)).astype(u.dtype)
 
   def update_fn(updates, state, params=None):

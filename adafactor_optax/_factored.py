@@ -97,34 +97,50 @@ def _moving_average(previous: jax.Array, value: jax.Array, b2: jax.Array) -> jax
 
 
 def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.Array) -> Any:
-  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t)."""
+  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t).
+
+  A factored parameter's row and column means are taken of ``G^2`` and eps1 is
+  added to the means, ``mean(G^2) + eps1 = mean(G^2 + eps1)``: the reductions
+  then read the gradient directly and no full-size ``G^2 + eps1`` is formed.
+  """
   dtype = _numerics.compute_dtype(grad.dtype)
   grad_sq = jnp.square(jnp.abs(_numerics.upcast(grad))).astype(dtype)
-  grad_sq = grad_sq + _numerics.as_dtype(eps, dtype)
+  eps = _numerics.as_dtype(eps, dtype)
   if isinstance(nu, FactoredMoment):
     return FactoredMoment(
-        v_row=_moving_average(nu.v_row, _mean_to_shape(grad_sq, nu.v_row.shape), b2),
-        v_col=_moving_average(nu.v_col, _mean_to_shape(grad_sq, nu.v_col.shape), b2),
+        v_row=_moving_average(nu.v_row, _mean_to_shape(grad_sq, nu.v_row.shape) + eps, b2),
+        v_col=_moving_average(nu.v_col, _mean_to_shape(grad_sq, nu.v_col.shape) + eps, b2),
     )
-  return _moving_average(nu, grad_sq, b2)
+  return _moving_average(nu, grad_sq + eps, b2)
+
+
+def _inverse_sqrt_factors(nu: Any, dtype: Any) -> tuple[jax.Array, ...]:
+  """Arrays whose product (broadcast) is ``V^-1/2``: two small ones when factored.
+
+  The factored form is ``(R / mean(R))^-1/2`` and ``C^-1/2``, never the
+  product ``R C``, which underflows in float32 once both are near eps1 = 1e-30.
+  """
+  if isinstance(nu, FactoredMoment):
+    v_row = nu.v_row.astype(dtype)
+    row_mean = _mean_to_shape(v_row, nu.v_col.shape)
+    return jax.lax.rsqrt(v_row / row_mean), jax.lax.rsqrt(nu.v_col.astype(dtype))
+  return (jax.lax.rsqrt(nu.astype(dtype)),)
 
 
 def precondition(grad: jax.Array, nu: Any) -> jax.Array:
   """``U = G / sqrt(V)``, with ``V = R C / mean(R)`` for a factored parameter.
 
-  The factored form is applied as two factors, ``(R / mean(R))^-1/2`` and
-  ``C^-1/2``, never as the product ``R C``, which underflows in float32 once
-  both are near eps1 = 1e-30.
+  Args:
+    grad: G, the gradient of one parameter.
+    nu: its statistics after `accumulate`.
+
+  Returns:
+    U, in the gradient's dtype.
   """
   dtype = _numerics.compute_dtype(grad.dtype)
-  g = _numerics.upcast(grad)
-  if isinstance(nu, FactoredMoment):
-    v_row = nu.v_row.astype(dtype)
-    row_mean = _mean_to_shape(v_row, nu.v_col.shape)
-    row_factor = jax.lax.rsqrt(v_row / row_mean).astype(g.dtype)
-    u = g * row_factor * jax.lax.rsqrt(nu.v_col.astype(dtype)).astype(g.dtype)
-  else:
-    u = g * jax.lax.rsqrt(nu.astype(dtype)).astype(g.dtype)
+  u = _numerics.upcast(grad)
+  for factor in _inverse_sqrt_factors(nu, dtype):
+    u = u * factor.astype(u.dtype)
   return u.astype(grad.dtype)
 
 
@@ -141,7 +157,8 @@ def _check_params_dtypes(params: optax.Params) -> None:
   jax.tree_util.tree_map_with_path(check, params)
 
 
-def _check_same_structure(updates: optax.Updates, nu: optax.Updates) -> None:
+def check_same_structure(updates: optax.Updates, nu: optax.Updates) -> None:
+  """Raises ValueError when `updates` is not shaped like the tree `nu` was built for."""
   expected = jax.tree.structure(nu, is_leaf=lambda x: isinstance(x, FactoredMoment))
   got = jax.tree.structure(updates)
   if got != expected:
@@ -238,7 +255,7 @@ def scale_by_factored_rms(
 
   def update_fn(updates, state, params=None):
     del params
-    _check_same_structure(updates, state.nu)
+    check_same_structure(updates, state.nu)
     b2 = jnp.asarray(decay(state.count))
     nu = jax.tree.map(lambda g, v: accumulate(g, v, b2, eps), updates, state.nu)
     updates = jax.tree.map(precondition, updates, nu)

@@ -15,6 +15,20 @@ class RelativeStepSizeState(NamedTuple):
   count: jax.Array
 
 
+def parameter_scale(param: jax.Array, eps2: jax.typing.ArrayLike) -> jax.Array:
+  """``max(eps2, RMS(X))`` over one parameter, in at least float32."""
+  p_rms = _numerics.block_rms(param)
+  return jax.numpy.maximum(_numerics.as_dtype(eps2, p_rms.dtype), p_rms)
+
+
+def step_scale(
+    param: jax.Array, step_size: jax.typing.ArrayLike, eps2: jax.typing.ArrayLike
+) -> jax.Array:
+  """``alpha_t = max(eps2, RMS(X_{t-1})) rho_t``, in at least float32."""
+  p_scale = parameter_scale(param, eps2)
+  return _numerics.as_dtype(step_size, p_scale.dtype) * p_scale
+
+
 def relative_step_size(
     step_size: optax.ScalarOrSchedule | None = None,
     *,
@@ -60,13 +74,8 @@ def relative_step_size(
     rho = step_size(state.count) if callable(step_size) else step_size
 
     def scale(u, p):
-      p_rms = _numerics.block_rms(p)
-      dtype = p_rms.dtype
-      p_scale = jax.numpy.maximum(_numerics.as_dtype(eps2, dtype), p_rms)
       u_wide = _numerics.upcast(u)
-      alpha_dtype = u_wide.dtype
-      rho_t = _numerics.as_dtype(rho, dtype).astype(alpha_dtype)
-      return (u_wide * rho_t * p_scale.astype(alpha_dtype)).astype(u.dtype)
+      return (u_wide * step_scale(p, rho, eps2).astype(u_wide.dtype)).astype(u.dtype)
 
     updates = jax.tree.map(scale, updates, params)
     return updates, RelativeStepSizeState(optax.safe_increment(state.count))
