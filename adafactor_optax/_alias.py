@@ -6,6 +6,7 @@ import jax
 import optax
 
 from adafactor_optax import _clipping
+from adafactor_optax import _diagnostics
 from adafactor_optax import _factored
 from adafactor_optax import _momentum
 from adafactor_optax import _numerics
@@ -31,6 +32,7 @@ def adafactor(
     max_relative_step: jax.typing.ArrayLike = 1e-2,
     decay_schedule: Any = None,
     stats_dtype: Any = None,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor (Shazeer & Stern, 2018), exactly the paper's algorithm by default.
 
@@ -78,6 +80,9 @@ def adafactor(
       `decay_offset`, e.g. `bias_corrected_decay(0.999)`.
     stats_dtype: dtype of the second-moment statistics (default float32, or
       float64 for float64 parameters).
+    diagnostics: record RMS(U_t), the clipped fraction, b2_t, rho_t and
+      alpha_t in the state (`record_diagnostics`; read them with
+      `get_diagnostics(state)`). Off: no cost at all.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -138,4 +143,11 @@ def adafactor(
   if weight_decay_rate is not None:
     tx.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
   tx.append(optax.scale(-1.0))
+  if diagnostics:  # right after scale_by_factored_rms, where the updates are U_t
+    tx.insert(1, _diagnostics.record_diagnostics(
+        decay=decay_schedule,
+        step_size=learning_rate,
+        eps2=eps2 if multiply_by_parameter_scale else None,
+        clipping_threshold=clipping_threshold,
+    ))
   return optax.chain(*tx)
