@@ -158,4 +158,8 @@ def get_diagnostics(opt_state: optax.OptState) -> dict[str, Any]:
   Raises:
     KeyError: when the state holds no diagnostics.
   """
-  return {name: optax.tree_utils.tree_get(opt_state, name) for name in DIAGNOSTIC_NAMES}
+  values = {name: optax.tree_utils.tree_get(opt_state, name) for name in DIAGNOSTIC_NAMES}
+  if any(v is None for v in values.values()):
+    raise KeyError("no diagnostics in this state: build it with adafactor(diagnostics=True) "
+                   "or put record_diagnostics(...) in the chain.")
+  return values
