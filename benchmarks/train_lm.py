@@ -11,7 +11,7 @@ goes to validation when the CRC32 of its path relative to the stdlib is 0 mod 10
 
 Usage::
 
-  python benchmarks/train_lm.py                      # defaults: about 5 min on 2 CPU cores
+  python benchmarks/train_lm.py    # defaults: 213-330 s on 2 shared CPU cores (measured)
   python benchmarks/train_lm.py --steps 50 --d-model 64 --layers 1 --out /tmp/lm
 
 Writes ``results.md`` (the table), ``loss.png`` (loss curves) and ``history.json``
