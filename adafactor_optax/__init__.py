@@ -2,6 +2,9 @@
 
 from adafactor_optax._alias import adafactor
 from adafactor_optax._clipping import clip_by_block_rms
+from adafactor_optax._diagnostics import AdafactorDiagnosticsState
+from adafactor_optax._diagnostics import get_diagnostics
+from adafactor_optax._diagnostics import record_diagnostics
 from adafactor_optax._factored import FactoredMoment
 from adafactor_optax._factored import ScaleByFactoredRmsState
 from adafactor_optax._factored import factored_axes
@@ -19,6 +22,7 @@ from adafactor_optax._step_size import relative_step_size
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdafactorDiagnosticsState",
     "EmaMomentumState",
     "FactoredMoment",
     "RelativeStepSizeState",
@@ -29,8 +33,10 @@ __all__ = (
     "clip_by_block_rms",
     "ema_momentum",
     "factored_axes",
+    "get_diagnostics",
     "increasing_decay",
     "inverse_sqrt_step",
+    "record_diagnostics",
     "relative_step_size",
     "scale_by_factored_rms",
     "skip_non_finite",

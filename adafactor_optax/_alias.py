@@ -6,6 +6,7 @@ import jax
 import optax
 
 from adafactor_optax import _clipping
+from adafactor_optax import _diagnostics
 from adafactor_optax import _factored
 from adafactor_optax import _finite
 from adafactor_optax import _momentum
@@ -33,6 +34,7 @@ def adafactor(
     decay_schedule: Any = None,
     stats_dtype: Any = None,
     skip_non_finite: bool = False,
+    diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor (Shazeer & Stern, 2018), exactly the paper's algorithm by default.
 
@@ -82,6 +84,9 @@ def adafactor(
       float64 for float64 parameters).
     skip_non_finite: skip every step whose gradients hold a NaN or Inf
       (parameters and state unchanged) and count them (`skip_non_finite`).
+    diagnostics: record RMS(U_t), the clipped fraction, b2_t, rho_t and
+      alpha_t in the state (`record_diagnostics`; read them with
+      `get_diagnostics(state)`). Off: no cost at all.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -144,5 +149,12 @@ def adafactor(
   if weight_decay_rate is not None:
     tx.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
   tx.append(optax.scale(-1.0))
+  if diagnostics:  # right after scale_by_factored_rms, where the updates are U_t
+    tx.insert(1, _diagnostics.record_diagnostics(
+        decay=decay_schedule,
+        step_size=learning_rate,
+        eps2=eps2 if multiply_by_parameter_scale else None,
+        clipping_threshold=clipping_threshold,
+    ))
   chain = optax.chain(*tx)
   return _finite.skip_non_finite(chain) if skip_non_finite else chain

@@ -11,6 +11,7 @@ n x 1, ``v_col`` is 1 x m), so their shapes say which axes they average over:
 `update` needs no factoring decision of its own, the state is its only record.
 """
 
+import collections.abc
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -157,15 +158,31 @@ def _check_params_dtypes(params: optax.Params) -> None:
   jax.tree_util.tree_map_with_path(check, params)
 
 
-def check_same_structure(updates: optax.Updates, nu: optax.Updates) -> None:
-  """Raises ValueError when `updates` is not shaped like the tree `nu` was built for."""
-  expected = jax.tree.structure(nu, is_leaf=lambda x: isinstance(x, FactoredMoment))
-  got = jax.tree.structure(updates)
-  if got != expected:
+def moments_like(updates: optax.Updates, nu: optax.Updates) -> optax.Updates:
+  """`nu` checked against `updates`, with each parameter's statistics as they were built.
+
+  Frameworks may hand the state back with a `FactoredMoment` rebuilt as their
+  own mapping (`flax.nnx.Optimizer` writes it back as an `nnx.State`); at a
+  parameter's position such a mapping is turned back into a `FactoredMoment`.
+
+  Raises:
+    ValueError: when `updates` is not shaped like the parameters `nu` was
+      built for.
+  """
+
+  def restore(_, v):
+    return FactoredMoment(v["v_row"], v["v_col"]) if isinstance(v, collections.abc.Mapping) else v
+
+  try:
+    return jax.tree.map(restore, updates, nu)
+  except ValueError as error:
+    expected = jax.tree.structure(nu, is_leaf=lambda x: not isinstance(x, (dict, list, tuple))
+                                  or isinstance(x, FactoredMoment))
     raise ValueError(
         "scale_by_factored_rms: the gradients' tree structure differs from the "
-        f"parameters' the state was built for.\n  gradients:  {got}\n  parameters: {expected}"
-    )
+        f"parameters' the state was built for.\n  gradients:  {jax.tree.structure(updates)}"
+        f"\n  parameters: {expected}"
+    ) from error
 
 
 def scale_by_factored_rms(
@@ -255,9 +272,9 @@ def scale_by_factored_rms(
 
   def update_fn(updates, state, params=None):
     del params
-    check_same_structure(updates, state.nu)
+    nu = moments_like(updates, state.nu)
     b2 = jnp.asarray(decay(state.count))
-    nu = jax.tree.map(lambda g, v: accumulate(g, v, b2, eps), updates, state.nu)
+    nu = jax.tree.map(lambda g, v: accumulate(g, v, b2, eps), updates, nu)
     updates = jax.tree.map(precondition, updates, nu)
     return updates, ScaleByFactoredRmsState(optax.safe_increment(state.count), nu)
 

@@ -156,7 +156,7 @@ def test_masked_and_multi_transform(name):
 
   multi = optax.multi_transform({"ada": tx, "sgd": optax.sgd(0.1)}, {"w": "ada", "b": "sgd", "s": "sgd"})
   u, _ = jax.jit(multi.update)(grads, multi.init(params), params)
-  np.testing.assert_allclose(u["w"], alone["w"], rtol=1e-6)
+  np.testing.assert_allclose(u["w"], alone["w"], rtol=1e-5)  # jitted vs eager: float32 round-off
   np.testing.assert_allclose(u["b"], -0.1 * grads["b"], rtol=1e-6)
 
 

@@ -1,0 +1,339 @@
+"""Train a small byte-level Transformer LM on the Python standard library's source.
+
+Compares `adafactor_optax.adafactor()` at the paper's defaults, with no warmup
+(PAPER.md Algorithm 6: relative step rho_t = min(1e-2, 1/sqrt(t)), b2_t = 1 - t^-0.8,
+update clipping d = 1, no momentum), against `optax.adam` with a linear warmup and
+cosine decay. Same model, data, initialisation, batches and number of steps.
+
+The text is every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``, read as
+bytes (vocabulary of 256), and split into train and validation *by file*: a file
+goes to validation when the CRC32 of its path relative to the stdlib is 0 mod 10.
+
+Usage::
+
+  python benchmarks/train_lm.py    # defaults: 213-330 s on 2 shared CPU cores (measured)
+  python benchmarks/train_lm.py --steps 50 --d-model 64 --layers 1 --out /tmp/lm
+
+Writes ``results.md`` (the table), ``loss.png`` (loss curves) and ``history.json``
+to ``--out``.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import sysconfig
+import time
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+import adafactor_optax  # noqa: E402
+
+VOCAB = 256  # bytes
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_stdlib_bytes(max_bytes: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+  """Train and validation byte streams from the stdlib's .py files, split by file."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+  train, valid = [], []
+  n_train = n_valid = 0
+  for path in files:
+    rel = path.relative_to(root).as_posix()
+    try:
+      data = path.read_bytes()
+    except OSError:
+      continue
+    if zlib.crc32(rel.encode()) % 10 == 0:
+      valid.append(data)
+      n_valid += 1
+    else:
+      train.append(data)
+      n_train += 1
+  # Files are separated by a NUL byte, which never occurs in source text.
+  train_arr = np.frombuffer(b"\0".join(train), np.uint8)
+  valid_arr = np.frombuffer(b"\0".join(valid), np.uint8)
+  if max_bytes is not None:
+    train_arr, valid_arr = train_arr[:max_bytes], valid_arr[: max(max_bytes // 9, 1 << 16)]
+  info = {"train_files": n_train, "valid_files": n_valid,
+          "train_bytes": int(train_arr.size), "valid_bytes": int(valid_arr.size)}
+  return train_arr, valid_arr, info
+
+
+def sample_batches(data: np.ndarray, n: int, batch: int, seq_len: int, seed: int):
+  """`n` batches of random windows (tokens of length seq_len + 1), deterministic."""
+  rng = np.random.default_rng(seed)
+  starts = rng.integers(0, data.size - seq_len - 1, size=(n, batch))
+  idx = starts[..., None] + np.arange(seq_len + 1)
+  return data[idx].astype(np.int32)  # (n, batch, seq_len + 1)
+
+
+# ---------------------------------------------------------------------------- model
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm causal self-attention + MLP block."""
+
+  def __init__(self, d_model: int, n_heads: int, rngs: nnx.Rngs):
+    self.n_heads = n_heads
+    self.ln1 = nnx.LayerNorm(d_model, rngs=rngs)
+    self.qkv = nnx.Linear(d_model, 3 * d_model, use_bias=False, rngs=rngs)
+    self.proj = nnx.Linear(d_model, d_model, use_bias=False, rngs=rngs)
+    self.ln2 = nnx.LayerNorm(d_model, rngs=rngs)
+    self.up = nnx.Linear(d_model, 4 * d_model, rngs=rngs)
+    self.down = nnx.Linear(4 * d_model, d_model, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    h = self.n_heads
+    q, k, v = jnp.split(self.qkv(self.ln1(x)), 3, axis=-1)
+    q, k, v = (a.reshape(b, t, h, d // h) for a in (q, k, v))
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // h).astype(np.float32)
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    attn = jax.nn.softmax(scores, axis=-1)
+    x = x + self.proj(jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, t, d))
+    return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
+
+
+class TransformerLM(nnx.Module):
+  """Decoder-only byte-level Transformer with tied input/output embedding."""
+
+  def __init__(self, *, d_model: int, layers: int, seq_len: int, n_heads: int, rngs):
+    self.embed = nnx.Embed(VOCAB, d_model, rngs=rngs)
+    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (seq_len, d_model)))
+    self.blocks = nnx.List([Block(d_model, n_heads, rngs) for _ in range(layers)])
+    self.ln_f = nnx.LayerNorm(d_model, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = self.embed(tokens) + self.pos[: tokens.shape[1]][None]
+    for block in self.blocks:
+      x = block(x)
+    return self.embed.attend(self.ln_f(x))
+
+
+def loss_fn(model: TransformerLM, batch: jax.Array) -> jax.Array:
+  logits = model(batch[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+
+# ----------------------------------------------------------------------- optimizers
+
+
+def make_optimizer(name: str, steps: int) -> optax.GradientTransformation:
+  """The optimizers compared. `adafactor`: paper defaults, no warmup."""
+  warmup = max(steps // 10, 1)
+  if name == "adafactor":
+    return adafactor_optax.adafactor()
+  if name == "adam":
+    lr = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, max(steps, warmup + 1), 3e-4)
+    return optax.adam(lr)
+  if name == "adam-nowarmup":
+    return optax.adam(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1))
+  if name == "adafactor-momentum":
+    return adafactor_optax.adafactor(momentum=0.9)
+  raise ValueError(f"unknown optimizer {name!r}")
+
+
+OPTIMIZERS = ("adafactor", "adam", "adam-nowarmup", "adafactor-momentum")
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+# ---------------------------------------------------------------------------- train
+
+
+@dataclasses.dataclass
+class Config:
+  steps: int = 500
+  d_model: int = 128
+  layers: int = 2
+  n_heads: int = 4
+  seq_len: int = 128
+  batch: int = 16
+  seed: int = 0
+  eval_every: int = 50
+  eval_batches: int = 8
+  optimizers: tuple[str, ...] = ("adafactor", "adam")
+  out: str = "benchmarks/results/train_lm"
+
+
+def train_one(name: str, cfg: Config, train_batches, valid_batches, progress: bool = True):
+  """Trains a fresh model (seeded by cfg.seed) with optimizer `name`; returns history."""
+  model = TransformerLM(d_model=cfg.d_model, layers=cfg.layers, seq_len=cfg.seq_len,
+                        n_heads=cfg.n_heads, rngs=nnx.Rngs(cfg.seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make_optimizer(name, cfg.steps)
+  opt_state = tx.init(params)
+
+  def loss_of_params(params, batch):
+    return loss_fn(nnx.merge(graphdef, params), batch)
+
+  @jax.jit
+  def train_step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_of_params)(params, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  eval_loss = jax.jit(lambda params, batches: jax.lax.map(
+      lambda b: loss_of_params(params, b), batches).mean())
+
+  history = {"step": [], "train_loss": [], "eval_step": [], "valid_loss": []}
+
+  def evaluate(step):
+    history["eval_step"].append(step)
+    history["valid_loss"].append(float(eval_loss(params, valid_batches)))
+
+  evaluate(0)
+  train_time = 0.0
+  timed_steps = 0
+  bar = tqdm(range(cfg.steps), desc=f"{name:>10}", disable=not progress, file=sys.stdout,
+             mininterval=2.0)
+  for step in bar:
+    t0 = time.perf_counter()
+    params, opt_state, loss = train_step(params, opt_state, jnp.asarray(train_batches[step]))
+    loss = float(loss)  # blocks
+    if step > 0:  # step 0 includes compilation
+      train_time += time.perf_counter() - t0
+      timed_steps += 1
+    history["step"].append(step + 1)
+    history["train_loss"].append(loss)
+    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+      evaluate(step + 1)
+  tokens = timed_steps * cfg.batch * cfg.seq_len
+  last = max(1, min(20, len(history["train_loss"])))
+  history["summary"] = {
+      "optimizer": name,
+      "final_train_loss": float(np.mean(history["train_loss"][-last:])),
+      "valid_loss": history["valid_loss"][-1],
+      "tokens_per_s": tokens / train_time if train_time > 0 else float("nan"),
+      "opt_state_bytes": tree_bytes(opt_state),
+      "param_bytes": tree_bytes(params),
+  }
+  return history
+
+
+def markdown_table(summaries, cfg: Config, n_params: int, data_info: dict, wall_s: float) -> str:
+  lines = [
+      "| optimizer | final train loss | validation loss | tokens/s | optimizer-state bytes "
+      "| state / params |",
+      "|---|---|---|---|---|---|",
+  ]
+  for s in summaries:
+    lines.append(
+        f"| {s['optimizer']} | {s['final_train_loss']:.4f} | {s['valid_loss']:.4f} "
+        f"| {s['tokens_per_s']:,.0f} | {s['opt_state_bytes']:,} "
+        f"| {s['opt_state_bytes'] / s['param_bytes']:.3f} |")
+  lines += [
+      "",
+      f"Model: d_model={cfg.d_model}, layers={cfg.layers}, heads={cfg.n_heads}, "
+      f"seq_len={cfg.seq_len}, batch={cfg.batch}, {n_params:,} parameters; "
+      f"{cfg.steps} steps, seed {cfg.seed}. Final train loss: mean of the last 20 steps "
+      f"(nats/byte). Validation: {cfg.eval_batches} x {cfg.batch} windows of held-out files.",
+      f"Data: stdlib .py files, {data_info['train_files']} train / "
+      f"{data_info['valid_files']} validation files ({data_info['train_bytes']:,} / "
+      f"{data_info['valid_bytes']:,} bytes). Wall time {wall_s:.0f} s on "
+      f"{jax.devices()[0].platform.upper()} ({os.cpu_count()} cores), JAX {jax.__version__}.",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def plot(histories, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for i, h in enumerate(histories):
+    name = h["summary"]["optimizer"]
+    color = f"C{i}"
+    tl = np.asarray(h["train_loss"])
+    k = min(10, len(tl))
+    smooth = np.convolve(tl, np.ones(k) / k, mode="valid")
+    ax.plot(h["step"][k - 1:], smooth, color=color, lw=1.2, label=f"{name} train")
+    ax.plot(h["eval_step"], h["valid_loss"], color=color, ls="--", marker="o", ms=3,
+            label=f"{name} validation")
+  ax.set_xlabel("step")
+  ax.set_ylabel("cross-entropy (nats / byte)")
+  ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
+  ax.set_title("Byte-level LM on Python stdlib source")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(cfg: Config, progress: bool = True, max_bytes: int | None = None) -> dict:
+  t_start = time.perf_counter()
+  out = pathlib.Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  train_data, valid_data, data_info = load_stdlib_bytes(max_bytes)
+  train_batches = sample_batches(train_data, cfg.steps, cfg.batch, cfg.seq_len, cfg.seed)
+  valid_batches = jnp.asarray(
+      sample_batches(valid_data, cfg.eval_batches, cfg.batch, cfg.seq_len, cfg.seed + 1))
+  histories = [train_one(name, cfg, train_batches, valid_batches, progress)
+               for name in cfg.optimizers]
+  model = TransformerLM(d_model=cfg.d_model, layers=cfg.layers, seq_len=cfg.seq_len,
+                        n_heads=cfg.n_heads, rngs=nnx.Rngs(cfg.seed))
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  wall = time.perf_counter() - t_start
+  table = markdown_table([h["summary"] for h in histories], cfg, n_params, data_info, wall)
+  (out / "results.md").write_text(table)
+  (out / "history.json").write_text(json.dumps(
+      {"config": dataclasses.asdict(cfg), "data": data_info, "wall_s": wall,
+       "histories": histories}, indent=1))
+  plot(histories, out / "loss.png")
+  return {"table": table, "histories": histories, "wall_s": wall}
+
+
+def parse_args(argv=None) -> Config:
+  d = Config()
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--steps", type=int, default=d.steps)
+  p.add_argument("--d-model", type=int, default=d.d_model)
+  p.add_argument("--layers", type=int, default=d.layers)
+  p.add_argument("--heads", type=int, default=d.n_heads)
+  p.add_argument("--seq-len", type=int, default=d.seq_len)
+  p.add_argument("--batch", type=int, default=d.batch)
+  p.add_argument("--seed", type=int, default=d.seed)
+  p.add_argument("--eval-every", type=int, default=d.eval_every)
+  p.add_argument("--optimizers", default=",".join(d.optimizers),
+                 help=f"comma-separated, from {', '.join(OPTIMIZERS)}")
+  p.add_argument("--out", default=d.out)
+  a = p.parse_args(argv)
+  names = tuple(n.strip() for n in a.optimizers.split(",") if n.strip())
+  for n in names:
+    if n not in OPTIMIZERS:
+      p.error(f"unknown optimizer {n!r}; choose from {', '.join(OPTIMIZERS)}")
+  return Config(steps=a.steps, d_model=a.d_model, layers=a.layers, n_heads=a.heads,
+                seq_len=a.seq_len, batch=a.batch, seed=a.seed, eval_every=a.eval_every,
+                optimizers=names, out=a.out)
+
+
+def main(argv=None) -> None:
+  cfg = parse_args(argv)
+  result = run(cfg)
+  print()
+  print(result["table"])
+  print(f"wrote {cfg.out}/results.md, loss.png, history.json ({result['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+  main()
