@@ -7,7 +7,11 @@ from adafactor_optax._diagnostics import get_diagnostics
 from adafactor_optax._diagnostics import record_diagnostics
 from adafactor_optax._factored import FactoredMoment
 from adafactor_optax._factored import ScaleByFactoredRmsState
-from adafactor_optax._factored import factored_axes
+from adafactor_optax._factoring import FactorSpec
+from adafactor_optax._factoring import factored_axes
+from adafactor_optax._factoring import factoring_report
+from adafactor_optax._factoring import largest_two_axes
+from adafactor_optax._factoring import last_two_axes
 from adafactor_optax._factored import scale_by_factored_rms
 from adafactor_optax._finite import SkipNonFiniteState
 from adafactor_optax._finite import skip_non_finite
@@ -24,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AdafactorDiagnosticsState",
     "EmaMomentumState",
+    "FactorSpec",
     "FactoredMoment",
     "RelativeStepSizeState",
     "ScaleByFactoredRmsState",
@@ -33,6 +38,9 @@ __all__ = (
     "clip_by_block_rms",
     "ema_momentum",
     "factored_axes",
+    "factoring_report",
+    "largest_two_axes",
+    "last_two_axes",
     "get_diagnostics",
     "increasing_decay",
     "inverse_sqrt_step",

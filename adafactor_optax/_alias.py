@@ -8,6 +8,7 @@ import optax
 from adafactor_optax import _clipping
 from adafactor_optax import _diagnostics
 from adafactor_optax import _factored
+from adafactor_optax import _factoring
 from adafactor_optax import _finite
 from adafactor_optax import _momentum
 from adafactor_optax import _numerics
@@ -33,6 +34,7 @@ def adafactor(
     max_relative_step: jax.typing.ArrayLike = 1e-2,
     decay_schedule: Any = None,
     stats_dtype: Any = None,
+    factor_rule: Any = None,
     skip_non_finite: bool = False,
     diagnostics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -82,6 +84,12 @@ def adafactor(
       `decay_offset`, e.g. `bias_corrected_decay(0.999)`.
     stats_dtype: dtype of the second-moment statistics (default float32, or
       float64 for float64 parameters).
+    factor_rule: which axes each parameter factors: None or "largest" (the
+      two largest axes, as optax), "last_two" (tensor2tensor, PyTorch, HF), a
+      callable ``(path, shape) -> FactorSpec | None`` or a pytree of
+      `FactorSpec` / None. A spec's batch axes also split clipping and the
+      parameter scale into per-slice blocks (a scanned stack of layers), and
+      its `estimate` chooses row-only or column-only statistics.
     skip_non_finite: skip every step whose gradients hold a NaN or Inf
       (parameters and state unchanged) and count them (`skip_non_finite`).
     diagnostics: record RMS(U_t), the clipped fraction, b2_t, rho_t and
@@ -125,7 +133,11 @@ def adafactor(
     _numerics.check("decay_rate", decay_rate, lambda c: c > 0, "> 0")
     decay_schedule = _schedules.increasing_decay(decay_rate, decay_offset)
   if min_dim_size_to_factor is None:
-    min_dim_size_to_factor = _factored.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+    min_dim_size_to_factor = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+  # The named rules never split a parameter into blocks; a user's rule may.
+  batch_axes = None
+  if factor_rule is not None and not isinstance(factor_rule, str) and factored:
+    batch_axes = _factoring.batch_axes_rule(_factoring.resolve(factor_rule))
 
   tx = [
       _factored.scale_by_factored_rms(
@@ -133,15 +145,16 @@ def adafactor(
           eps=eps,
           factored=factored,
           min_dim_size_to_factor=min_dim_size_to_factor,
+          factor_rule=factor_rule,
           stats_dtype=stats_dtype,
       )
   ]
   if clipping_threshold is not None:
-    tx.append(_clipping.clip_by_block_rms(clipping_threshold))
+    tx.append(_clipping.clip_by_block_rms(clipping_threshold, batch_axes=batch_axes))
   if multiply_by_parameter_scale:
     if learning_rate is None:
       learning_rate = _schedules.inverse_sqrt_step(max_relative_step)
-    tx.append(_step_size.relative_step_size(learning_rate, eps2=eps2))
+    tx.append(_step_size.relative_step_size(learning_rate, eps2=eps2, batch_axes=batch_axes))
   else:
     tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
   if momentum is not None:

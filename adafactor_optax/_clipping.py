@@ -12,7 +12,9 @@ def clipping_denominator(rms: jax.Array, threshold: jax.typing.ArrayLike) -> jax
   return jnp.maximum(1, rms / _numerics.as_dtype(threshold, rms.dtype))
 
 
-def clip_by_block_rms(threshold: jax.typing.ArrayLike = 1.0) -> optax.GradientTransformation:
+def clip_by_block_rms(
+    threshold: jax.typing.ArrayLike = 1.0, *, batch_axes: _numerics.BatchAxes = None
+) -> optax.GradientTransformation:
   """Scales each parameter's update down to an RMS of at most `threshold`.
 
   ``Uc = U / max(1, RMS(U) / d)``, with RMS taken over one parameter (a block)
@@ -21,6 +23,8 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike = 1.0) -> optax.GradientTr
 
   Args:
     threshold: d > 0, the largest RMS an update may have (the paper uses 1).
+    batch_axes: ``(path, shape) -> axes`` whose slices are clipped separately
+      (the layers of a scanned stack); None: each parameter is one block.
 
   Returns:
     A stateless `optax.GradientTransformation`.
@@ -35,13 +39,13 @@ def clip_by_block_rms(threshold: jax.typing.ArrayLike = 1.0) -> optax.GradientTr
   """
   _numerics.check("clipping_threshold", threshold, lambda d: d > 0, "> 0")
 
-  def clip(u):
+  def clip(u, batch_axes):
     u_wide = _numerics.upcast(u)
-    denom = clipping_denominator(_numerics.block_rms(u), threshold)
+    denom = clipping_denominator(_numerics.block_rms(u, batch_axes), threshold)
     return (u_wide / denom.astype(u_wide.dtype)).astype(u.dtype)
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(clip, updates), state
+    return _numerics.map_blocks(clip, batch_axes, updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adafactor_optax import _factoring
 from adafactor_optax import _numerics
 from adafactor_optax import _schedules
-
-DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
 
 
 class FactoredMoment(NamedTuple):
@@ -50,36 +49,6 @@ class ScaleByFactoredRmsState(NamedTuple):
 
   count: jax.Array
   nu: optax.Updates
-
-
-def factored_axes(
-    shape: tuple[int, ...],
-    min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
-) -> tuple[int, int] | None:
-  """The (row, column) axes a parameter of `shape` is factored over, or None.
-
-  The two largest axes, when both have at least `min_dim_size_to_factor`
-  elements; among equal sizes the later axis wins (as in `optax.adafactor`).
-
-  Args:
-    shape: the parameter's shape.
-    min_dim_size_to_factor: the smallest axis size worth factoring.
-
-  Returns:
-    ``(row_axis, col_axis)`` with ``row_axis < col_axis``, or None.
-
-  Example:
-    >>> import adafactor_optax as ao
-    >>> ao.factored_axes((512, 64, 2048)), ao.factored_axes((512,)), ao.factored_axes((512, 64))
-    ((0, 2), None, None)
-  """
-  if len(shape) < 2:
-    return None
-  by_size = sorted(range(len(shape)), key=lambda axis: shape[axis])
-  second, first = by_size[-2], by_size[-1]
-  if shape[second] < min_dim_size_to_factor:
-    return None
-  return min(second, first), max(second, first)
 
 
 def _with_unit_axis(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
@@ -112,7 +81,8 @@ def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.Array) -> Any:
         v_row=_moving_average(nu.v_row, _mean_to_shape(grad_sq, nu.v_row.shape) + eps, b2),
         v_col=_moving_average(nu.v_col, _mean_to_shape(grad_sq, nu.v_col.shape) + eps, b2),
     )
-  return _moving_average(nu, grad_sq + eps, b2)
+  # Unfactored (same shape as G), or a row-only / column-only estimate.
+  return _moving_average(nu, _mean_to_shape(grad_sq, nu.shape) + eps, b2)
 
 
 def _inverse_sqrt_factors(nu: Any, dtype: Any) -> tuple[jax.Array, ...]:
@@ -190,7 +160,8 @@ def scale_by_factored_rms(
     decay: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = None,
     eps: jax.typing.ArrayLike = 1e-30,
     factored: bool = True,
-    min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
+    min_dim_size_to_factor: int = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
+    factor_rule: Any = None,
     stats_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """Scales updates by a factored estimate of their second moment.
@@ -213,6 +184,10 @@ def scale_by_factored_rms(
     factored: whether to factor at all; False keeps every second moment whole.
     min_dim_size_to_factor: factor the two largest axes when both have at least
       this many elements (`factored_axes`).
+    factor_rule: which axes each parameter factors (see `FactorSpec`): None or
+      "largest" (the two largest, as optax), "last_two" (tensor2tensor,
+      PyTorch, HF), a callable ``(path, shape) -> FactorSpec | None``, or a
+      pytree of `FactorSpec` / None with the parameters' structure.
     stats_dtype: dtype the statistics are stored in. Default: float32, or
       float64 for float64 parameters. They are always computed in at least
       float32.
@@ -246,16 +221,14 @@ def scale_by_factored_rms(
     _numerics.check("decay", decay, lambda b: 0 <= b < 1, "in [0, 1) or a schedule")
     decay = (lambda b2: lambda count: jnp.asarray(b2))(decay)
 
-  def init_moment(param, min_dim):
+  def init_moment(path, param, rule):
     dtype = _numerics.compute_dtype(param.dtype) if stats_dtype is None else stats_dtype
-    axes = factored_axes(param.shape, min_dim) if factored else None
-    if axes is None:
+    spec = rule(path, param.shape)
+    if spec is None:
       return jnp.zeros(param.shape, dtype)
-    row_axis, col_axis = axes
-    return FactoredMoment(
-        v_row=jnp.zeros(_with_unit_axis(param.shape, col_axis), dtype),
-        v_col=jnp.zeros(_with_unit_axis(param.shape, row_axis), dtype),
-    )
+    v_row = jnp.zeros(_with_unit_axis(param.shape, spec.col), dtype)
+    v_col = jnp.zeros(_with_unit_axis(param.shape, spec.row), dtype)
+    return {"factored": FactoredMoment(v_row, v_col), "row": v_row, "col": v_col}[spec.estimate]
 
   def init_fn(params):
     _check_params_dtypes(params)
@@ -267,7 +240,8 @@ def scale_by_factored_rms(
           "a jitted init: leave min_dim_size_to_factor at its default (None), call "
           "init outside jit, or pass static_args=('min_dim_size_to_factor',)."
       )
-    nu = jax.tree.map(lambda p: init_moment(p, int(min_dim)), params)
+    rule = _factoring.resolve(factor_rule, factored=factored, min_dim_size_to_factor=int(min_dim))
+    nu = jax.tree_util.tree_map_with_path(lambda path, p: init_moment(path, p, rule), params)
     return ScaleByFactoredRmsState(count=jnp.zeros([], jnp.int32), nu=nu)
 
   def update_fn(updates, state, params=None):

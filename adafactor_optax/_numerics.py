@@ -1,5 +1,6 @@
 """Dtype policy, block RMS and hyperparameter checks shared by the transforms."""
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,9 +45,34 @@ def as_dtype(value: jax.typing.ArrayLike, dtype: Any) -> jax.Array:
   return jnp.asarray(value).astype(dtype)
 
 
-def block_rms(x: jax.Array) -> jax.Array:
-  """RMS(x) = sqrt(mean(|x|^2)) over one whole block, in `compute_dtype`."""
-  return jnp.sqrt(jnp.mean(jnp.square(jnp.abs(upcast(x)))))
+def block_rms(x: jax.Array, batch_axes: tuple[int, ...] = ()) -> jax.Array:
+  """RMS(x) = sqrt(mean(|x|^2)) per block, in `compute_dtype`.
+
+  Args:
+    x: one parameter (or its update).
+    batch_axes: axes indexing separate blocks (the layers of a scanned stack);
+      by default the whole array is one block.
+
+  Returns:
+    A scalar, or with `batch_axes` an array that broadcasts against `x`.
+  """
+  squares = jnp.square(jnp.abs(upcast(x)))
+  if not batch_axes:
+    return jnp.sqrt(jnp.mean(squares))
+  block = tuple(a for a in range(x.ndim) if a not in batch_axes)
+  return jnp.sqrt(jnp.mean(squares, axis=block, keepdims=True))
+
+
+BatchAxes = Callable[[tuple, tuple[int, ...]], tuple[int, ...]] | None
+
+
+def map_blocks(f: Callable, batch_axes: BatchAxes, tree: Any, *rest: Any) -> Any:
+  """``f(leaf, *rest_leaves, batch_axes=...)`` over `tree`, with each leaf's batch axes."""
+  if batch_axes is None:
+    return jax.tree.map(lambda x, *r: f(x, *r, batch_axes=()), tree, *rest)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x, *r: f(x, *r, batch_axes=batch_axes(path, x.shape)), tree, *rest
+  )
 
 
 def concrete_value(value: Any) -> float | None:

@@ -15,17 +15,22 @@ class RelativeStepSizeState(NamedTuple):
   count: jax.Array
 
 
-def parameter_scale(param: jax.Array, eps2: jax.typing.ArrayLike) -> jax.Array:
-  """``max(eps2, RMS(X))`` over one parameter, in at least float32."""
-  p_rms = _numerics.block_rms(param)
+def parameter_scale(
+    param: jax.Array, eps2: jax.typing.ArrayLike, batch_axes: tuple[int, ...] = ()
+) -> jax.Array:
+  """``max(eps2, RMS(X))`` per block of one parameter, in at least float32."""
+  p_rms = _numerics.block_rms(param, batch_axes)
   return jax.numpy.maximum(_numerics.as_dtype(eps2, p_rms.dtype), p_rms)
 
 
 def step_scale(
-    param: jax.Array, step_size: jax.typing.ArrayLike, eps2: jax.typing.ArrayLike
+    param: jax.Array,
+    step_size: jax.typing.ArrayLike,
+    eps2: jax.typing.ArrayLike,
+    batch_axes: tuple[int, ...] = (),
 ) -> jax.Array:
-  """``alpha_t = max(eps2, RMS(X_{t-1})) rho_t``, in at least float32."""
-  p_scale = parameter_scale(param, eps2)
+  """``alpha_t = max(eps2, RMS(X_{t-1})) rho_t`` per block, in at least float32."""
+  p_scale = parameter_scale(param, eps2, batch_axes)
   return _numerics.as_dtype(step_size, p_scale.dtype) * p_scale
 
 
@@ -33,6 +38,7 @@ def relative_step_size(
     step_size: optax.ScalarOrSchedule | None = None,
     *,
     eps2: jax.typing.ArrayLike = 1e-3,
+    batch_axes: _numerics.BatchAxes = None,
 ) -> optax.GradientTransformation:
   """Scales each parameter's update by ``alpha_t = max(eps2, RMS(X_{t-1})) rho_t``.
 
@@ -45,6 +51,8 @@ def relative_step_size(
     step_size: rho_t, a constant or any optax schedule of the update count.
       Default: the paper's ``min(1e-2, 1/sqrt(t))`` (`inverse_sqrt_step()`).
     eps2: the floor of the parameter scale (1e-3 in the paper).
+    batch_axes: ``(path, shape) -> axes`` whose slices get their own parameter
+      scale (the layers of a scanned stack); None: one per parameter.
 
   Returns:
     An `optax.GradientTransformation`; its update needs `params`.
@@ -73,11 +81,12 @@ def relative_step_size(
       raise ValueError("relative_step_size needs params: call update(updates, state, params).")
     rho = step_size(state.count) if callable(step_size) else step_size
 
-    def scale(u, p):
+    def scale(u, p, batch_axes):
       u_wide = _numerics.upcast(u)
-      return (u_wide * step_scale(p, rho, eps2).astype(u_wide.dtype)).astype(u.dtype)
+      alpha = step_scale(p, rho, eps2, batch_axes)
+      return (u_wide * alpha.astype(u_wide.dtype)).astype(u.dtype)
 
-    updates = jax.tree.map(scale, updates, params)
+    updates = _numerics.map_blocks(scale, batch_axes, updates, params)
     return updates, RelativeStepSizeState(optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,213 @@
+"""Which axes of each parameter are factored: the one place that decides.
+
+A `FactorSpec` names a parameter's row axis, column axis and batch axes. The
+second-moment statistics are averaged over columns (v_row) and over rows
+(v_col) separately for every index of the other axes; the batch axes also
+split the parameter into separate blocks for update clipping and the
+parameter scale, so a scanned stack of layers (layers, d, f) is treated as
+`layers` separate d x f matrices.
+
+A rule maps ``(path, shape)`` to a `FactorSpec`, or None for a parameter whose
+second moment is kept whole (PAPER.md Algorithm 5).
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
+ESTIMATES = ("factored", "row", "col")
+
+
+class FactorSpec(NamedTuple):
+  """How one parameter's second moment is estimated.
+
+  Attributes:
+    row: the row axis (negative counts from the end).
+    col: the column axis.
+    batch: axes indexing separate blocks: clipping and the parameter scale are
+      computed per slice along them (the layer axis of a scanned stack).
+      Axes named nowhere are averaged as part of each block.
+    estimate: "factored" (V = R C / mean(R), Algorithm 4), "row" (V_ij = R_i,
+      row means only: PAPER.md Table 2 row D) or "col" (V_ij = C_j, row E).
+  """
+
+  row: int
+  col: int
+  batch: tuple[int, ...] = ()
+  estimate: str = "factored"
+
+
+Rule = Callable[[tuple, tuple[int, ...]], FactorSpec | None]
+
+
+def factored_axes(
+    shape: Sequence[int], min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+) -> tuple[int, int] | None:
+  """The (row, column) axes of the default rule: the two largest, or None.
+
+  Both must have at least `min_dim_size_to_factor` elements; among equal sizes
+  the later axis wins (as in `optax.adafactor`).
+
+  Args:
+    shape: the parameter's shape.
+    min_dim_size_to_factor: the smallest axis size worth factoring.
+
+  Returns:
+    ``(row_axis, col_axis)`` with ``row_axis < col_axis``, or None.
+
+  Example:
+    >>> import adafactor_optax as ao
+    >>> ao.factored_axes((512, 64, 2048)), ao.factored_axes((512,)), ao.factored_axes((512, 64))
+    ((0, 2), None, None)
+  """
+  if len(shape) < 2:
+    return None
+  by_size = sorted(range(len(shape)), key=lambda axis: shape[axis])
+  second, first = by_size[-2], by_size[-1]
+  if shape[second] < min_dim_size_to_factor:
+    return None
+  return min(second, first), max(second, first)
+
+
+def largest_two_axes(min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR) -> Rule:
+  """The default rule (optax's): factor the two largest axes, see `factored_axes`."""
+
+  def rule(path, shape):
+    del path
+    axes = factored_axes(shape, min_dim_size_to_factor)
+    return None if axes is None else FactorSpec(*axes)
+
+  return rule
+
+
+def last_two_axes(min_dim_size_to_factor: int = DEFAULT_MIN_DIM_SIZE_TO_FACTOR) -> Rule:
+  """The tensor2tensor / PyTorch / HF convention: factor the last two axes.
+
+  Other axes are batch axes of the factoring only; clipping and the parameter
+  scale still see the whole parameter, as in those implementations.
+  """
+
+  def rule(path, shape):
+    del path
+    if len(shape) < 2 or min(shape[-2:]) < min_dim_size_to_factor:
+      return None
+    return FactorSpec(len(shape) - 2, len(shape) - 1)
+
+  return rule
+
+
+def normalize(spec: FactorSpec | None, shape: Sequence[int], where: str) -> FactorSpec | None:
+  """`spec` with non-negative axes, checked against `shape`; `where` names the leaf."""
+  if spec is None:
+    return None
+  if not isinstance(spec, FactorSpec):
+    raise TypeError(f"factor rule for {where}: expected a FactorSpec or None, got {spec!r}.")
+  ndim = len(shape)
+  axes = (spec.row, spec.col, *spec.batch)
+  if any(not -ndim <= a < ndim for a in axes):
+    raise ValueError(f"factor rule for {where}: axes {axes} out of range for shape {tuple(shape)}.")
+  row, col, *batch = (a % ndim for a in axes)
+  if len({row, col, *batch}) != len(axes):
+    raise ValueError(f"factor rule for {where}: axes {axes} repeat an axis.")
+  if spec.estimate not in ESTIMATES:
+    raise ValueError(f"factor rule for {where}: estimate must be one of {ESTIMATES}.")
+  return FactorSpec(row, col, tuple(sorted(batch)), spec.estimate)
+
+
+def resolve(
+    factor_rule: Any, *, factored: bool = True, min_dim_size_to_factor: int | None = None
+) -> Rule:
+  """The rule ``(path, shape) -> FactorSpec | None`` a user's argument stands for.
+
+  Args:
+    factor_rule: None or "largest" (`largest_two_axes`), "last_two"
+      (`last_two_axes`), a callable ``(path, shape) -> FactorSpec | None``, or a
+      pytree with the parameters' structure whose leaves are `FactorSpec`s or
+      None.
+    factored: False: nothing is factored, whatever the rule.
+    min_dim_size_to_factor: for the named rules.
+
+  Returns:
+    A rule; its results are normalised and checked.
+  """
+  min_dim = DEFAULT_MIN_DIM_SIZE_TO_FACTOR if min_dim_size_to_factor is None else min_dim_size_to_factor
+  if not factored:
+    return lambda path, shape: None
+  if factor_rule is None or factor_rule == "largest":
+    rule = largest_two_axes(min_dim)
+  elif factor_rule == "last_two":
+    rule = last_two_axes(min_dim)
+  elif callable(factor_rule):
+    rule = factor_rule
+  else:
+    specs = dict(
+        jax.tree_util.tree_flatten_with_path(
+            factor_rule, is_leaf=lambda x: x is None or isinstance(x, FactorSpec)
+        )[0]
+    )
+
+    def rule(path, shape):
+      del shape
+      if path not in specs:
+        raise ValueError(f"factor_rule has no spec for {jax.tree_util.keystr(path)}.")
+      return specs[path]
+
+  return lambda path, shape: normalize(rule(path, tuple(shape)), shape, jax.tree_util.keystr(path))
+
+
+def batch_axes_rule(factor_rule: Rule) -> Callable[[tuple, tuple[int, ...]], tuple[int, ...]]:
+  """``(path, shape) -> batch axes`` of a rule: the blocks of clipping and parameter scale."""
+
+  def batch_axes(path, shape):
+    spec = factor_rule(path, shape)
+    return () if spec is None else spec.batch
+
+  return batch_axes
+
+
+def factoring_report(params: optax.Params, tx: optax.GradientTransformation, rule: Rule | None = None) -> str:
+  """A markdown table: which axes each parameter factors, and state bytes vs Adam.
+
+  Args:
+    params: the parameters (arrays or `jax.ShapeDtypeStruct`s; nothing is
+      allocated).
+    tx: the optimizer, e.g. ``adafactor(...)``; its state is sized with
+      `jax.eval_shape`.
+    rule: the factoring rule `tx` was built with (default: `largest_two_axes`).
+      State bytes per parameter are those of its second-moment statistics;
+      the total counts the whole state (momentum included).
+
+  Returns:
+    The table, one row per parameter and a total, ready to print or log.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, adafactor_optax as ao
+    >>> params = {"w": jax.ShapeDtypeStruct((1024, 512), jnp.float32)}
+    >>> print(ao.factoring_report(params, ao.adafactor()).splitlines()[2])
+    | ['w'] | (1024, 512) | rows 0, cols 1 | 6,144 | 4,194,304 |
+  """
+  rule = resolve(rule)
+  state = jax.eval_shape(tx.init, params)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  moments = treedef.flatten_up_to(optax.tree_utils.tree_get(state, "nu"))
+  lines = ["| parameter | shape | factored | state bytes | Adam bytes |", "|---|---|---|---|---|"]
+  for (path, p), nu in zip(leaves, moments):
+    spec = rule(path, p.shape)
+    how = "no" if spec is None else f"rows {spec.row}, cols {spec.col}"
+    if spec is not None and spec.batch:
+      how += f", batch {spec.batch}"
+    if spec is not None and spec.estimate != "factored":
+      how += f", {spec.estimate} only"
+    lines.append(
+        f"| {jax.tree_util.keystr(path)} | {tuple(p.shape)} | {how} | {_nbytes(nu):,} "
+        f"| {2 * _nbytes(p):,} |"
+    )
+  lines.append(f"| total (whole state) | | | {_nbytes(state):,} | {2 * _nbytes(params):,} |")
+  return "\n".join(lines)
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(x.size * jax.numpy.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))

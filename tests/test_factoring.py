@@ -1,0 +1,124 @@
+"""Factoring rules: which axes, per-layer blocks for scanned stacks, row/column-only estimates."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adafactor_optax as ao
+from tests import helpers
+
+
+def _state_shapes(tx, params):
+  return jax.tree.map(jnp.shape, optax.tree_utils.tree_get(jax.eval_shape(tx.init, params), "nu"))
+
+
+def test_scanned_stack_optax_factors_the_layer_axis_ours_with_a_one_line_rule():
+  """PEERS.md: for a [256, 4096, 128] stack optax factors 4096 x 256, the layer axis."""
+  params = {"layers": jax.ShapeDtypeStruct((256, 4096, 128), jnp.float32)}
+  theirs = jax.eval_shape(optax.adafactor(1e-2).init, params)[0]
+  # Means over the 4096 axis and over the 256 (layer) axis; 128 is kept as a batch axis.
+  assert theirs.v_row["layers"].shape == (256, 128) and theirs.v_col["layers"].shape == (4096, 128)
+  assert ao.factored_axes((256, 4096, 128)) == (0, 1)  # the default rule agrees with optax
+
+  per_layer = ao.adafactor(factor_rule=lambda path, shape: ao.FactorSpec(-2, -1, batch=(0,)))
+  nu = _state_shapes(per_layer, params)["layers"]
+  assert nu.v_row == (256, 4096, 1) and nu.v_col == (256, 1, 128)  # each layer its own 4096 x 128
+
+
+def test_stacked_layers_with_batch_rule_equal_separate_layers():
+  """A (layers, d, f) stack with the per-layer rule steps exactly like the layers apart:
+  statistics, clipping RMS and parameter scale all per layer slice."""
+  rng = np.random.default_rng(0)
+  layers, shape = 3, (160, 130)
+  stack = (rng.standard_normal((layers, *shape)) * np.array([0.01, 1.0, 0.0])[:, None, None])
+  grads = [rng.standard_normal((layers, *shape)) * np.array([1e-3, 1.0, 1e2])[:, None, None]
+           for _ in range(6)]
+  rule = lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None  # noqa: E731
+  stacked = helpers.run_scan(ao.adafactor(factor_rule=rule), {"stack": np.float32(stack)},
+                             helpers.stack([{"stack": np.float32(g)} for g in grads]))[2][1]
+  apart = helpers.run_scan(
+      ao.adafactor(),
+      {f"l{i}": np.float32(stack[i]) for i in range(layers)},
+      helpers.stack([{f"l{i}": np.float32(g[i]) for i in range(layers)} for g in grads]),
+  )[2][1]
+  for i in range(layers):
+    np.testing.assert_allclose(stacked["stack"][:, i], apart[f"l{i}"], rtol=1e-6, atol=1e-12)
+  # Without the rule the stack is one block: the layer with tiny gradients and the zero
+  # layer move by the whole stack's scale instead of their own.
+  whole = helpers.run_scan(ao.adafactor(), {"stack": np.float32(stack)},
+                           helpers.stack([{"stack": np.float32(g)} for g in grads]))[2][1]
+  assert helpers.rel_err(whole["stack"][:, 2], apart["l2"]) > 1.0
+
+
+def test_last_two_axes_rule():
+  params = {"conv": jax.ShapeDtypeStruct((3, 200, 130, 140), jnp.float32)}
+  assert _state_shapes(ao.adafactor(), params)["conv"].v_row == (3, 200, 130, 1)  # axes 1, 3
+  last = _state_shapes(ao.adafactor(factor_rule="last_two"), params)["conv"]
+  assert last.v_row == (3, 200, 130, 1) and last.v_col == (3, 200, 1, 140)
+  small = {"w": jax.ShapeDtypeStruct((500, 64), jnp.float32)}
+  assert _state_shapes(ao.adafactor(factor_rule="last_two"), small)["w"] == (500, 64)
+
+
+def test_pytree_of_specs_and_unfactored_leaves():
+  params = {"w": jnp.ones((6, 5)), "big": jnp.ones((300, 200)), "b": jnp.ones(5)}
+  specs = {"w": ao.FactorSpec(0, 1), "big": None, "b": None}
+  shapes = _state_shapes(ao.adafactor(factor_rule=specs), params)
+  assert shapes == {"w": ao.FactoredMoment((6, 1), (1, 5)), "big": (300, 200), "b": (5,)}
+
+
+def _single_statistic_reference(grads, axis):
+  """V_ij = mean over `axis` of G^2 (+ eps1), moving average with 1 - t^-0.8."""
+  v = 0.0
+  out = []
+  for t, g in enumerate(grads, start=1):
+    b2 = 1 - t**-0.8
+    v = b2 * v + (1 - b2) * (np.mean(g**2, axis=axis, keepdims=True) + 1e-30)
+    out.append(g / np.sqrt(v))
+  return out
+
+
+@pytest.mark.parametrize("estimate,axis", [("row", 1), ("col", 0)])
+def test_row_only_and_column_only_estimates(estimate, axis):
+  """PAPER.md Table 2 rows D (row means only) and E (column means only)."""
+  grads = [np.random.default_rng(i).standard_normal((7, 9)) * 10.0 ** (i - 2) for i in range(5)]
+  tx = ao.scale_by_factored_rms(
+      factor_rule=lambda path, shape: ao.FactorSpec(0, 1, estimate=estimate))
+  params = jnp.zeros((7, 9))
+  state = tx.init(params)
+  assert state.nu.shape == ((7, 1) if estimate == "row" else (1, 9))
+  for g, expected in zip(grads, _single_statistic_reference(grads, axis)):
+    u, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+    np.testing.assert_allclose(u, expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (ao.FactorSpec(0, 2), "out of range"),
+        (ao.FactorSpec(1, -1), "repeat"),
+        (ao.FactorSpec(0, 1, batch=(1,)), "repeat"),
+        (ao.FactorSpec(0, 1, estimate="diagonal"), "estimate"),
+        ((0, 1), "expected a FactorSpec"),
+    ],
+)
+def test_bad_specs_name_the_parameter(spec, message):
+  tx = ao.adafactor(factor_rule=lambda path, shape: spec if len(shape) == 2 else None)
+  with pytest.raises((ValueError, TypeError), match=rf"\['enc'\]\['w'\].*{message}"):
+    tx.init({"enc": {"w": jnp.ones((4, 5))}, "b": jnp.ones(3)})
+
+
+def test_factoring_report():
+  params = {
+      "embed": jax.ShapeDtypeStruct((32000, 512), jnp.float32),
+      "stack": jax.ShapeDtypeStruct((12, 512, 2048), jnp.bfloat16),
+      "norm": jax.ShapeDtypeStruct((512,), jnp.float32),
+  }
+  rule = lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None  # noqa: E731
+  report = ao.factoring_report(params, ao.adafactor(factor_rule=rule), rule)
+  lines = report.splitlines()
+  assert "| ['embed'] | (32000, 512) | no | 65,536,000 | 131,072,000 |" in lines
+  # 12 layers x (512 + 2048) float32 statistics; Adam: 2 bf16 values per parameter.
+  assert "| ['stack'] | (12, 512, 2048) | rows 1, cols 2, batch (0,) | 122,880 | 50,331,648 |" in lines
+  assert lines[-1].startswith("| total (whole state) |")
