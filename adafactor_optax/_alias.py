@@ -5,15 +5,17 @@ from typing import Any
 import jax
 import optax
 
-from adafactor_optax import _clipping
-from adafactor_optax import _diagnostics
-from adafactor_optax import _factored
-from adafactor_optax import _factoring
-from adafactor_optax import _finite
-from adafactor_optax import _momentum
-from adafactor_optax import _numerics
-from adafactor_optax import _schedules
-from adafactor_optax import _step_size
+from adafactor_optax import (
+  _clipping,
+  _diagnostics,
+  _factored,
+  _factoring,
+  _finite,
+  _momentum,
+  _numerics,
+  _schedules,
+  _step_size,
+)
 
 
 def adafactor(

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics
-from adafactor_optax import _step_size
+from adafactor_optax import _numerics, _step_size
 
 DIAGNOSTIC_NAMES = (
     "update_rms", "update_rms_global", "clipped_fraction", "b2", "rho", "alpha")
@@ -98,7 +97,7 @@ def record_diagnostics(
   """
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros([], jnp.float32)  # noqa: E731
+    zeros = lambda p: jnp.zeros([], jnp.float32)
     return AdafactorDiagnosticsState(
         diagnostics_count=jnp.zeros([], jnp.int32),
         update_rms=jax.tree.map(zeros, params),

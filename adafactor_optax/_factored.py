@@ -19,9 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _factoring
-from adafactor_optax import _numerics
-from adafactor_optax import _schedules
+from adafactor_optax import _factoring, _numerics, _schedules
 
 
 class FactoredMoment(NamedTuple):
@@ -155,6 +153,14 @@ def moments_like(updates: optax.Updates, nu: optax.Updates) -> optax.Updates:
     ) from error
 
 
+def _constant(b2: jax.typing.ArrayLike) -> Callable[[jax.Array], jax.Array]:
+  def schedule(count):
+    del count
+    return jnp.asarray(b2)
+
+  return schedule
+
+
 def scale_by_factored_rms(
     *,
     decay: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = None,
@@ -219,7 +225,7 @@ def scale_by_factored_rms(
     decay = _schedules.increasing_decay()
   elif not callable(decay):
     _numerics.check("decay", decay, lambda b: 0 <= b < 1, "in [0, 1) or a schedule")
-    decay = (lambda b2: lambda count: jnp.asarray(b2))(decay)
+    decay = _constant(decay)
 
   def init_moment(path, param, rule):
     dtype = _numerics.compute_dtype(param.dtype) if stats_dtype is None else stats_dtype

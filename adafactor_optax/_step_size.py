@@ -5,8 +5,7 @@ from typing import NamedTuple
 import jax
 import optax
 
-from adafactor_optax import _numerics
-from adafactor_optax import _schedules
+from adafactor_optax import _numerics, _schedules
 
 
 class RelativeStepSizeState(NamedTuple):

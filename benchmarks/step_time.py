@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import adafactor_optax as ao  # noqa: E402
+import adafactor_optax as ao
 
 
 class TreeConfig(NamedTuple):

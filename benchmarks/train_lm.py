@@ -36,7 +36,7 @@ from flax import nnx
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
-import adafactor_optax  # noqa: E402
+import adafactor_optax
 
 VOCAB = 256  # bytes
 

@@ -1,7 +1,6 @@
 """Shared test helpers: parameter trees, gradient streams, unrolled runs."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 

@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import adafactor_optax as ao
-from tests import helpers
 
 OPTIMIZERS = {
     "paper_defaults": ao.adafactor,
@@ -199,7 +198,7 @@ def test_converges_on_rosenbrock(name):
   def rosenbrock(x):
     return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
 
-  x, losses = _minimise(OPTIMIZERS[name](), rosenbrock, jnp.array([-1.2, 1.0]), 5000)
+  _, losses = _minimise(OPTIMIZERS[name](), rosenbrock, jnp.array([-1.2, 1.0]), 5000)
   assert float(losses[-1]) < CONVERGENCE[name][0], float(losses[-1])
 
 

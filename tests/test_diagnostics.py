@@ -7,8 +7,7 @@ import optax
 import pytest
 
 import adafactor_optax as ao
-from tests import helpers
-from tests import reference
+from tests import helpers, reference
 
 STEPS = 6
 

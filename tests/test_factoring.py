@@ -35,7 +35,7 @@ def test_stacked_layers_with_batch_rule_equal_separate_layers():
   stack = (rng.standard_normal((layers, *shape)) * np.array([0.01, 1.0, 0.0])[:, None, None])
   grads = [rng.standard_normal((layers, *shape)) * np.array([1e-3, 1.0, 1e2])[:, None, None]
            for _ in range(6)]
-  rule = lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None  # noqa: E731
+  rule = lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None
   stacked = helpers.run_scan(ao.adafactor(factor_rule=rule), {"stack": np.float32(stack)},
                              helpers.stack([{"stack": np.float32(g)} for g in grads]))[2][1]
   apart = helpers.run_scan(
@@ -115,7 +115,7 @@ def test_factoring_report():
       "stack": jax.ShapeDtypeStruct((12, 512, 2048), jnp.bfloat16),
       "norm": jax.ShapeDtypeStruct((512,), jnp.float32),
   }
-  rule = lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None  # noqa: E731
+  rule = lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None
   report = ao.factoring_report(params, ao.adafactor(factor_rule=rule), rule)
   lines = report.splitlines()
   assert "| ['embed'] | (32000, 512) | no | 65,536,000 | 131,072,000 |" in lines

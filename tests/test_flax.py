@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen
-from flax import nnx
+from flax import linen, nnx
 from flax.training import train_state
 
 import adafactor_optax as ao
@@ -66,13 +65,9 @@ def _functional_train_step(graphdef, tx, x, y):
   return train_step
 
 
-# KNOWN BUG (package, _factored.py): nnx.Optimizer writes the new optimizer state
-# back with `nnx.update(opt_state, nnx.state(new_opt_state))`, which turns every
-# NamedTuple nested below a parameter's slot (our per-parameter FactoredMoment)
-# into an nnx.State. The first update works; the second fails because
-# `isinstance(nu, FactoredMoment)` is False for the State (it still has .v_row
-# and .v_col). Fix: recognise the moment by its fields, or keep v_row / v_col as
-# separate trees as optax does. Until then use the split/merge loop below.
+# nnx.Optimizer writes the state back with `nnx.update(opt_state, nnx.state(new))`,
+# which rebuilds each per-parameter FactoredMoment as an nnx.State; the second and
+# later updates must still recognise it (`_factored.moments_like`).
 @pytest.mark.parametrize("graph", [None, False])
 def test_nnx_optimizer_several_steps(graph):
   x, y = _data()

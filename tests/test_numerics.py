@@ -38,7 +38,8 @@ def test_large_gradients_do_not_overflow_the_statistics():
   rng = np.random.default_rng(0)
   for dtype, scale in [(jnp.float16, 1e3), (jnp.float32, 1e15)]:
     params = {"w": jnp.ones((256, 128), dtype), "b": jnp.ones(9, dtype)}
-    grads = jax.tree.map(lambda p: jnp.asarray(scale * rng.choice([-1, 1], p.shape), dtype), params)
+    signs = jax.tree.map(lambda p: rng.choice([-1.0, 1.0], p.shape), params)
+    grads = jax.tree.map(lambda s, p, k=scale: jnp.asarray(k * s, p.dtype), signs, params)
     updates, state = step(ao.adafactor(), grads, params)
     assert finite(updates) and finite(state)
     # |G| is constant, so |U| = 1 everywhere and the step is rho_1 * RMS(X) = 1e-2.
