@@ -13,6 +13,8 @@ from adafactor_optax._schedules import increasing_decay
 from adafactor_optax._schedules import inverse_sqrt_step
 from adafactor_optax._step_size import RelativeStepSizeState
 from adafactor_optax._step_size import relative_step_size
+from adafactor_optax._sharding import state_partition_specs
+from adafactor_optax._sharding import state_shardings
 
 __version__ = "0.1.0"
 
@@ -30,4 +32,6 @@ __all__ = (
     "inverse_sqrt_step",
     "relative_step_size",
     "scale_by_factored_rms",
+    "state_partition_specs",
+    "state_shardings",
 )

@@ -20,6 +20,7 @@ import optax
 
 from adafactor_optax import _numerics
 from adafactor_optax import _schedules
+from adafactor_optax import _sharding
 
 DEFAULT_MIN_DIM_SIZE_TO_FACTOR = 128
 
@@ -205,11 +206,11 @@ def scale_by_factored_rms(
     dtype = _numerics.compute_dtype(param.dtype) if stats_dtype is None else stats_dtype
     axes = factored_axes(param.shape, min_dim) if factored else None
     if axes is None:
-      return jnp.zeros(param.shape, dtype)
+      return _sharding.zeros_like_param(param, param.shape, dtype)
     row_axis, col_axis = axes
     return FactoredMoment(
-        v_row=jnp.zeros(_with_unit_axis(param.shape, col_axis), dtype),
-        v_col=jnp.zeros(_with_unit_axis(param.shape, row_axis), dtype),
+        v_row=_sharding.zeros_like_param(param, _with_unit_axis(param.shape, col_axis), dtype),
+        v_col=_sharding.zeros_like_param(param, _with_unit_axis(param.shape, row_axis), dtype),
     )
 
   def init_fn(params):
