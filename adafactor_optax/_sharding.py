@@ -53,9 +53,9 @@ def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.
   shape = tuple(shape)
   if len(shape) != param.ndim or any(s not in (1, n) for s, n in zip(shape, param.shape)):
     raise ValueError(f"shape {shape} is not {param.shape} with some axes set to 1")
-  param = jnp.asarray(param)
-  keep = jnp.zeros_like(param, dtype=bool)  # Explicit mode: the parameter's sharding
-  zeros = jax.lax.select(keep, param, jnp.zeros_like(param))
+  # Not jnp.zeros_like: in Auto mode it pins the zeros to the (unknown, hence
+  # replicated) sharding of the parameter's type instead of leaving it to propagation.
+  zeros = jnp.where(False, jnp.asarray(param), 0)
   zeros = jnp.abs(zeros).astype(dtype)  # abs: complex parameters have real statistics
   axes = tuple(i for i, (s, n) in enumerate(zip(shape, param.shape)) if s != n)
   return jnp.max(zeros, axis=axes, keepdims=True) if axes else zeros
