@@ -164,7 +164,7 @@ def markdown(rows, temps, temp_model):
   for r in rows:
     lines.append(
         f"| {r['model']} | {r['n_params'] / 1e9:.1f}B | {r['mesh']} | {r['optimizer']} | "
-        f"{gib(r['total'])} | {gib(r['per_device'])} | "
+        f"{gib(r['total'])} | {r['per_device'] / 2**20:,.1f} | "
         f"{r['per_device'] / r['param_per_device']:.3f} |")
   lines += [
       "",
