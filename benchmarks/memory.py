@@ -157,7 +157,7 @@ def temp_table(shapes):
 
 def markdown(rows, temps, temp_model):
   lines = [
-      "| model | params | mesh (FSDP x TP) | optimizer | state, total GiB | state per device, GiB"
+      "| model | params | mesh (FSDP x TP) | optimizer | state, total GiB | state per device, MiB"
       " | state / params (per device) |",
       "|---|---|---|---|---|---|---|",
   ]
