@@ -167,3 +167,44 @@ def test_update_communicates_row_and_column_sizes_only(mesh_shape, mode):
   # (the embedding's rows), where moving a matrix would be L x d x d_ff floats.
   assert max(sizes, default=0) <= 4 * BIG["layers"] * BIG["vocab"], sorted(sizes)[-5:]
   assert sum(sizes) < 0.01 * param_bytes, (sum(sizes), param_bytes)
+
+
+# Flax metadata: the helper takes what Flax's own partitioning utilities return.
+
+RULES = (("embed", "data"), ("mlp", "model"))
+
+
+def test_state_shardings_from_linen_logical_axes():
+  from flax import linen as nn
+
+  class Dense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(512, kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), ("embed", "mlp")), bias_init=nn.with_logical_partitioning(
+              nn.initializers.zeros, ("mlp",)))(x)
+
+  mesh = make_mesh((2, 4), AxisType.Explicit)
+  boxed = jax.eval_shape(Dense().init, jax.random.key(0), jax.ShapeDtypeStruct((1, 256), jnp.float32))
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, RULES)["params"]
+  params = nn.unbox(boxed)["params"]
+  nu = ao.state_shardings(optimizer(), params, shardings)[0].nu["Dense_0"]
+  assert nu["kernel"].v_row.spec == P("data", None)
+  assert nu["kernel"].v_col.spec == P(None, "model")
+  assert nu["bias"].spec == P("model")
+
+
+def test_state_shardings_from_nnx_sharded_variables():
+  from flax import nnx
+
+  mesh = make_mesh((2, 4), AxisType.Explicit)
+  with jax.set_mesh(mesh):
+    model = nnx.eval_shape(lambda: nnx.Linear(
+        256, 512, rngs=nnx.Rngs(0),
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model")),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("model",))))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # shape structs with shardings
+  specs = jax.tree.map(lambda s: s.spec, ao.state_shardings(optimizer(), params))
+  assert specs[0].nu == {"kernel": ao.FactoredMoment(P("data", None), P(None, "model")),
+                         "bias": P("model")}
+  assert specs[3].ema == {"kernel": P("data", "model"), "bias": P("model")}
