@@ -133,14 +133,12 @@ def state_partition_specs(
   """
   abstract_state = jax.eval_shape(tx.init, params)
   specs_leaves = jax.tree.leaves(param_specs, is_leaf=_is_spec)
-  params_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  params_with_path, _ = jax.tree_util.tree_flatten_with_path(params)
   if len(specs_leaves) != len(params_with_path):
     raise ValueError(
         f"param_specs has {len(specs_leaves)} leaves but params has {len(params_with_path)}; "
         "give one PartitionSpec (or None) per parameter, in a tree like params."
     )
-  # Key by the spec tree's own structure too, so that boxes around specs fail loudly.
-  jax.tree.unflatten(treedef, specs_leaves)
   params_by_path = {
       tuple(path): (jnp.shape(p), PartitionSpec() if s is None else s)
       for (path, p), s in zip(params_with_path, specs_leaves)

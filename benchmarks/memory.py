@@ -185,7 +185,7 @@ def plot(rows, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  groups = sorted({(r["model"], r["mesh"]) for r in rows}, key=lambda g: [r["model"] for r in rows].index(g[0]))
+  groups = list(dict.fromkeys((r["model"], r["mesh"]) for r in rows))  # in table order
   names = list(OPTIMIZERS)
   fig, ax = plt.subplots(figsize=(9, 4))
   width = 0.8 / len(names)

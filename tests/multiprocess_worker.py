@@ -10,11 +10,11 @@ import sys
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 4)
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
 
 def main(port, process_id, out):
+  # Here, not at import: pytest's doctest collection imports this module.
+  jax.config.update("jax_num_cpu_devices", 4)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
       coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
   import numpy as np

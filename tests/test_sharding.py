@@ -185,7 +185,8 @@ def test_state_shardings_from_linen_logical_axes():
               nn.initializers.zeros, ("mlp",)))(x)
 
   mesh = make_mesh((2, 4), AxisType.Explicit)
-  boxed = jax.eval_shape(Dense().init, jax.random.key(0), jax.ShapeDtypeStruct((1, 256), jnp.float32))
+  x = jax.ShapeDtypeStruct((1, 256), jnp.float32)
+  boxed = jax.eval_shape(Dense().init, jax.random.key(0), x)
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, RULES)["params"]
   params = nn.unbox(boxed)["params"]
   nu = ao.state_shardings(optimizer(), params, shardings)[0].nu["Dense_0"]
