@@ -209,3 +209,32 @@ def test_state_shardings_from_nnx_sharded_variables():
   assert specs[0].nu == {"kernel": ao.FactoredMoment(P("data", None), P(None, "model")),
                          "bias": P("model")}
   assert specs[3].ema == {"kernel": P("data", "model"), "bias": P("model")}
+
+
+@pytest.mark.parametrize("wrap", ["masked", "multi_steps", "inject_hyperparams", "adam"])
+def test_state_specs_through_optax_wrappers(wrap):
+  params = {"w": jax.ShapeDtypeStruct((256, 128), jnp.float32),
+            "b": jax.ShapeDtypeStruct((128,), jnp.float32)}
+  param_specs = {"w": P("data", "model"), "b": P("model")}
+  tx = {
+      "masked": lambda: optax.masked(optimizer(), {"w": True, "b": False}),
+      "multi_steps": lambda: optax.MultiSteps(optimizer(), every_k_schedule=2),
+      "inject_hyperparams": lambda: optax.inject_hyperparams(ao.adafactor)(learning_rate=0.1),
+      "adam": lambda: optax.adam(1e-3),
+  }[wrap]()
+  specs = ao.state_partition_specs(tx, params, param_specs)
+  state = jax.eval_shape(tx.init, params)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(state), spec_leaves,
+                                strict=True):
+    name = jax.tree_util.keystr(path)
+    if leaf.shape == (256, 128):
+      assert spec == P("data", "model"), name
+    elif leaf.shape == (256, 1):
+      assert spec == P("data", None), name
+    elif leaf.shape == (1, 128):
+      assert spec == P(None, "model"), name
+    elif leaf.shape == (128,):
+      assert spec == P("model"), name
+    else:
+      assert spec == P(), name
