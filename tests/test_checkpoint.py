@@ -37,8 +37,8 @@ def train(params, state, grads_list, mesh):
   return params, state
 
 
-def make_mesh(shape):
-  return jax.make_mesh(shape, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+def make_mesh(shape, mode=AxisType.Auto):
+  return jax.make_mesh(shape, ("data", "model"), axis_types=(mode, mode))
 
 
 def restore_target(mesh):
@@ -53,8 +53,11 @@ def restore_target(mesh):
   return {"params": params, "opt_state": state}
 
 
-@pytest.mark.parametrize("new_shape", [(2, 4), (4, 2), (8, 1)], ids=str)
-def test_save_restore_resume(tmp_path, new_shape):
+@pytest.mark.parametrize("new_shape, new_mode", [
+    ((2, 4), AxisType.Auto), ((4, 2), AxisType.Auto), ((8, 1), AxisType.Auto),
+    ((4, 2), AxisType.Explicit),
+], ids=str)
+def test_save_restore_resume(tmp_path, new_shape, new_mode):
   grads = transformer.make_grads(4)
   mesh = make_mesh((2, 4))
   params = transformer.place(transformer.make_params(), transformer.param_shardings(mesh))
@@ -65,7 +68,7 @@ def test_save_restore_resume(tmp_path, new_shape):
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "step2", {"params": params, "opt_state": state})
     checkpointer.wait_until_finished()
-    new_mesh = make_mesh(new_shape)
+    new_mesh = make_mesh(new_shape, new_mode)
     target = restore_target(new_mesh)
     restored = checkpointer.restore(tmp_path / "step2", target)
 
@@ -81,5 +84,5 @@ def test_save_restore_resume(tmp_path, new_shape):
   want = train(moved["params"], moved["opt_state"], grads[2:], new_mesh)
   got = train(restored["params"], restored["opt_state"], grads[2:], new_mesh)
   jax.tree.map(np.testing.assert_array_equal, got, want)
-  if new_shape == (2, 4):  # same mesh: equal to never having stopped at all
+  if new_mesh == mesh:  # same mesh: equal to never having stopped at all
     jax.tree.map(np.testing.assert_array_equal, got, train(params, state, grads[2:], mesh))
