@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _factoring, _numerics, _schedules
+from adafactor_optax import _factoring, _numerics, _schedules, _sharding
 
 
 class FactoredMoment(NamedTuple):
@@ -231,9 +231,9 @@ def scale_by_factored_rms(
     dtype = _numerics.compute_dtype(param.dtype) if stats_dtype is None else stats_dtype
     spec = rule(path, param.shape)
     if spec is None:
-      return jnp.zeros(param.shape, dtype)
-    v_row = jnp.zeros(_with_unit_axis(param.shape, spec.col), dtype)
-    v_col = jnp.zeros(_with_unit_axis(param.shape, spec.row), dtype)
+      return _sharding.zeros_like_param(param, param.shape, dtype)
+    v_row = _sharding.zeros_like_param(param, _with_unit_axis(param.shape, spec.col), dtype)
+    v_col = _sharding.zeros_like_param(param, _with_unit_axis(param.shape, spec.row), dtype)
     return {"factored": FactoredMoment(v_row, v_col), "row": v_row, "col": v_col}[spec.estimate]
 
   def init_fn(params):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from adafactor_optax import _numerics
+from adafactor_optax import _sharding
 
 
 class EmaMomentumState(NamedTuple):
@@ -43,7 +44,8 @@ def ema_momentum(
 
   def init_fn(params):
     return EmaMomentumState(
-        ema=jax.tree.map(lambda p: jnp.zeros(p.shape, storage_dtype(p)), params)
+        ema=jax.tree.map(
+            lambda p: _sharding.zeros_like_param(p, p.shape, storage_dtype(p)), params)
     )
 
   def update_fn(updates, state, params=None):

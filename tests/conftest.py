@@ -3,6 +3,9 @@
 import jax
 import pytest
 
+# Eight simulated CPU devices for the sharding tests (a mesh needs more than one);
+# set before any backend starts. Tests that do not shard run on the first device.
+jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

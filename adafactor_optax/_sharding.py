@@ -1,0 +1,207 @@
+"""Optimizer state that is sharded like the parameters it belongs to.
+
+Every array of this package's state is the shape of its parameter, or that
+shape with some axes set to 1 (the reduced axes of a `FactoredMoment`), or a
+scalar count. So the state's sharding follows from the parameters' by one rule:
+an axis kept at the parameter's size keeps the parameter's mesh axes, an axis
+reduced to 1 is replicated, and scalars are replicated. A factored matrix
+sharded ``P('data', 'model')`` has ``v_row`` sharded ``P('data', None)`` and
+``v_col`` ``P(None, 'model')``: each device holds only its own slice of the
+row and column statistics, and the update step communicates O(n + m) values per
+matrix, never O(n m).
+
+Two halves of the same rule live here:
+
+- `zeros_like_param` builds the zeros of `init` from the parameter, so that
+  `jax.jit(tx.init)(params)` places the state like the parameters in both mesh
+  modes: in Explicit mode the sharding is part of the parameter's type, in Auto
+  mode the data dependence lets the sharding propagator see it.
+- `state_partition_specs` and `state_shardings` compute the same placement
+  without running anything (`jax.eval_shape`), for `out_shardings`, for
+  checkpoint restore targets, and for any other place that needs the state's
+  shardings before the state exists.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+
+def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.Array:
+  """Zeros of `shape` in `dtype`, placed like `param` with its size-1 axes replicated.
+
+  `shape` is the parameter's shape, possibly with some axes set to 1. The
+  zeros are selected from the parameter (never computed from its values, so
+  Inf and NaN parameters still give zeros): the data dependence is what lets
+  the sharding propagator of a jitted `init` in Auto mode give the state the
+  parameter's sharding; ``jnp.zeros(shape)`` has none, and comes out
+  replicated. The reduced axes are reduced with `max`, which replicates them.
+
+  Args:
+    param: the parameter (array or tracer).
+    shape: the state array's shape, ``param.shape`` with some axes set to 1.
+    dtype: the state array's dtype.
+
+  Returns:
+    An array of zeros of `shape` and `dtype`.
+  """
+  shape = tuple(shape)
+  if len(shape) != param.ndim or any(s not in (1, n) for s, n in zip(shape, param.shape)):
+    raise ValueError(f"shape {shape} is not {param.shape} with some axes set to 1")
+  # Not jnp.zeros_like: in Auto mode it pins the zeros to the (unknown, hence
+  # replicated) sharding of the parameter's type instead of leaving it to propagation.
+  zeros = jnp.where(False, jnp.asarray(param), 0)
+  zeros = jnp.abs(zeros).astype(dtype)  # abs: complex parameters have real statistics
+  axes = tuple(i for i, (s, n) in enumerate(zip(shape, param.shape)) if s != n)
+  return jnp.max(zeros, axis=axes, keepdims=True) if axes else zeros
+
+
+def _spec_for(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], spec: Any):
+  """The spec of a state array of `leaf_shape` that belongs to a parameter.
+
+  Returns None when the leaf is not the parameter's shape (with some axes set
+  to 1); the caller then replicates it.
+  """
+  if len(leaf_shape) != len(param_shape) or any(
+      s not in (1, n) for s, n in zip(leaf_shape, param_shape)
+  ):
+    return None
+  entries = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+  return PartitionSpec(
+      *(e if s == n else None for e, s, n in zip(entries, leaf_shape, param_shape))
+  )
+
+
+def _is_spec(x: Any) -> bool:
+  return x is None or isinstance(x, PartitionSpec)
+
+
+def _match_param(path: tuple[Any, ...], params_by_path: dict[tuple[Any, ...], Any]):
+  """The parameter a state leaf at `path` belongs to, or None.
+
+  A state leaf belongs to the parameter whose path is the longest run of keys
+  in its own path that ends at the leaf or one key before it (``.v_row`` and
+  ``.v_col`` of a `FactoredMoment`): ``[0].nu['dense']['w'].v_row`` belongs to
+  ``['dense']['w']``.
+  """
+  for end in (len(path), len(path) - 1):
+    for start in range(end + 1):
+      found = params_by_path.get(tuple(path[start:end]))
+      if found is not None:
+        return found
+  return None
+
+
+def state_partition_specs(
+    tx: optax.GradientTransformation, params: optax.Params, param_specs: Any
+) -> Any:
+  """The `PartitionSpec` of every array in ``tx.init(params)``, without running it.
+
+  Each state array that is its parameter's shape gets the parameter's spec;
+  one with some axes reduced to 1 (`FactoredMoment` rows and columns) gets the
+  spec with those entries set to None; anything else (counts,
+  hyperparameters, placeholders) is replicated, ``PartitionSpec()``.
+
+  Works for this package's transforms and for any optax transform whose state
+  holds params-shaped trees (`optax.chain`, `optax.masked`,
+  `optax.MultiSteps`, `optax.inject_hyperparams`, `optax.adam`, ...).
+
+  Args:
+    tx: the optimizer.
+    params: the parameters: arrays or `jax.ShapeDtypeStruct`s.
+    param_specs: a tree with `params`' structure of mesh-axis `PartitionSpec`s
+      (None means replicated), e.g. ``flax.linen.get_partition_spec(...)`` or
+      ``flax.nnx.get_partition_spec(...)`` translated to mesh axes with
+      ``flax.linen.logical_to_mesh_axes(spec, rules)``.
+
+  Returns:
+    A tree with the state's structure and a `PartitionSpec` at every leaf.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import adafactor_optax as ao
+    >>> params = {"w": jax.ShapeDtypeStruct((512, 256), jnp.float32)}
+    >>> specs = ao.state_partition_specs(ao.adafactor(), params, {"w": P("data", "model")})
+    >>> specs[0].nu["w"]
+    FactoredMoment(v_row=P('data', None), v_col=P(None, 'model'))
+  """
+  abstract_state = jax.eval_shape(tx.init, params)
+  specs_leaves = jax.tree.leaves(param_specs, is_leaf=_is_spec)
+  params_with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+  if len(specs_leaves) != len(params_with_path):
+    raise ValueError(
+        f"param_specs has {len(specs_leaves)} leaves but params has {len(params_with_path)}; "
+        "give one PartitionSpec (or None) per parameter, in a tree like params."
+    )
+  params_by_path = {
+      tuple(path): (jnp.shape(p), PartitionSpec() if s is None else s)
+      for (path, p), s in zip(params_with_path, specs_leaves)
+  }
+
+  def leaf_spec(path, leaf):
+    found = _match_param(tuple(path), params_by_path)
+    if found is None:
+      return PartitionSpec()
+    spec = _spec_for(tuple(leaf.shape), found[0], found[1])
+    return PartitionSpec() if spec is None else spec
+
+  return jax.tree_util.tree_map_with_path(leaf_spec, abstract_state)
+
+
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: optax.Params,
+    param_shardings: Any = None,
+    *,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+) -> Any:
+  """The `NamedSharding` of every array in ``tx.init(params)``, without running it.
+
+  The placement of `state_partition_specs`, on the parameters' mesh: use it
+  as ``out_shardings`` of a jitted init or update, or to build restore targets
+  for a checkpoint (``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``).
+
+  Args:
+    tx: the optimizer.
+    params: the parameters: arrays or `jax.ShapeDtypeStruct`s.
+    param_shardings: a tree like `params` of `NamedSharding`s, or of
+      `PartitionSpec`s together with `mesh`. Default: each parameter's own
+      ``.sharding`` (sharded arrays, or shape structs with a sharding).
+    mesh: the mesh for `PartitionSpec`s; default, the mesh of the first
+      `NamedSharding` in `param_shardings`.
+
+  Returns:
+    A tree with the state's structure and a `NamedSharding` at every leaf.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import adafactor_optax as ao
+    >>> mesh = jax.sharding.AbstractMesh((1, 1), ("data", "model"))
+    >>> params = {"b": jax.ShapeDtypeStruct((256,), jnp.float32)}
+    >>> ao.state_shardings(ao.adafactor(), params, {"b": P("model")}, mesh=mesh)[0].nu["b"].spec
+    P('model',)
+  """
+  if param_shardings is None:
+    param_shardings = jax.tree.map(lambda p: p.sharding, params)
+  leaves = jax.tree.leaves(param_shardings, is_leaf=_is_spec)
+  if mesh is None:
+    named = [s for s in leaves if isinstance(s, NamedSharding)]
+    if not named:
+      raise ValueError("give mesh=..., or NamedShardings from which to take it")
+    mesh = named[0].mesh
+  specs = jax.tree.map(
+      lambda s: s.spec if isinstance(s, NamedSharding) else s, param_shardings, is_leaf=_is_spec
+  )
+  state_specs = state_partition_specs(tx, params, specs)
+  return jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec),
+      state_specs,
+      is_leaf=lambda x: isinstance(x, PartitionSpec),
+  )

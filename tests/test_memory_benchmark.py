@@ -1,0 +1,40 @@
+"""`benchmarks/memory.py --smoke`: the memory table's numbers follow from the state's shapes."""
+
+import importlib.util
+import os
+
+import pytest
+
+PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                    "benchmarks", "memory.py")
+
+
+@pytest.fixture(scope="module")
+def memory():
+  spec = importlib.util.spec_from_file_location("memory_benchmark", PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_smoke_run_writes_table_and_plot(memory, tmp_path):
+  rows, temps = memory.main(["--smoke", "--out", str(tmp_path)])
+  assert (tmp_path / "memory.md").read_text().startswith("| model |")
+  assert (tmp_path / "memory.png").stat().st_size > 0
+  ratio = {(r["model"], r["optimizer"]): r["per_device"] / r["param_per_device"] for r in rows}
+  for model in {r["model"] for r in rows}:
+    # Adam: two moments of the parameters' size and dtype, sharded like them.
+    assert ratio[model, "optax.adam"] == pytest.approx(2.0, abs=1e-3)
+    # Adafactor: row and column statistics, O(n + m) per n x m matrix; vectors whole.
+    assert ratio[model, "adafactor (paper defaults)"] < 0.05
+    # Momentum adds one parameter-sized array, in float32 or in bfloat16.
+    base = ratio[model, "adafactor (paper defaults)"]
+    assert ratio[model, "adafactor + f32 momentum"] == pytest.approx(1.0 + base, abs=1e-3)
+    assert ratio[model, "adafactor + bf16 momentum"] == pytest.approx(0.5 + base, abs=1e-3)
+  assert all(t["temp"] >= 0 for t in temps)
+
+
+def test_t5_xxl_and_70b_shapes_have_their_published_sizes(memory):
+  count = lambda shapes: sum(__import__("math").prod(s) for s, _ in shapes.values())
+  assert count(memory.t5_shapes()) == pytest.approx(11.3e9, rel=0.02)  # T5 v1.1 XXL
+  assert count(memory.decoder_shapes()) == pytest.approx(70.6e9, rel=0.01)  # Llama-3-70B
