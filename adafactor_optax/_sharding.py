@@ -55,10 +55,15 @@ def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.
     raise ValueError(f"shape {shape} is not {param.shape} with some axes set to 1")
   # Not jnp.zeros_like: in Auto mode it pins the zeros to the (unknown, hence
   # replicated) sharding of the parameter's type instead of leaving it to propagation.
-  zeros = jnp.where(False, jnp.asarray(param), 0)
-  zeros = jnp.abs(zeros).astype(dtype)  # abs: complex parameters have real statistics
+  # abs: complex parameters have real statistics. The reduction comes before the
+  # select: after XLA folds the select to a constant, a reduction of that
+  # full-size constant would be evaluated at compile time (seconds for large
+  # parameters); this way only the small result is a constant.
+  source = jnp.abs(jnp.asarray(param))
   axes = tuple(i for i, (s, n) in enumerate(zip(shape, param.shape)) if s != n)
-  return jnp.max(zeros, axis=axes, keepdims=True) if axes else zeros
+  if axes:
+    source = jnp.max(source, axis=axes, keepdims=True)
+  return jnp.where(False, source, 0).astype(dtype)
 
 
 def _spec_for(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], spec: Any):
