@@ -4,7 +4,7 @@ For a matrix the second moment is kept as row and column averages, R (n) and
 C (m), and rebuilt as the rank-1 estimate ``V = R C / mean(R)``; vectors, and any
 parameter that is not factored, keep the whole second moment. Tensors of higher
 rank are batches of matrices: the two factored axes are chosen once, in `init`,
-and the other axes are batch axes.
+by a factoring rule (`_factoring.py`), and the other axes are batch axes.
 
 The statistics are stored with the reduced axis kept as size 1 (``v_row`` is
 n x 1, ``v_col`` is 1 x m), so their shapes say which axes they average over:
@@ -144,8 +144,7 @@ def moments_like(updates: optax.Updates, nu: optax.Updates) -> optax.Updates:
   try:
     return jax.tree.map(restore, updates, nu)
   except ValueError as error:
-    expected = jax.tree.structure(nu, is_leaf=lambda x: not isinstance(x, (dict, list, tuple))
-                                  or isinstance(x, FactoredMoment))
+    expected = jax.tree.structure(nu, is_leaf=lambda x: isinstance(x, FactoredMoment))
     raise ValueError(
         "scale_by_factored_rms: the gradients' tree structure differs from the "
         f"parameters' the state was built for.\n  gradients:  {jax.tree.structure(updates)}"
