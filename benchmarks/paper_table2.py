@@ -332,8 +332,75 @@ def markdown(results, cfg, info, wall_s, threshold):
       f"Data: stdlib .py files, {info['train_files']} train / {info['valid_files']} held-out "
       f"files. Wall time {wall_s:.0f} s on {jax.devices()[0].platform.upper()} "
       f"({os.cpu_count()} cores), JAX {jax.__version__}.",
-  ]
+      "",
+  ] + findings(results, cfg)
   return "\n".join(lines) + "\n"
+
+
+def _final(results, name, warmup):
+  """Mean final held-out loss over seeds (inf when any seed is not finite)."""
+  h = results[f"{name}/{'warmup' if warmup else 'no_warmup'}"]
+  vals = [v[-1] for v in h["valid_loss"]]
+  return float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.inf
+
+
+def findings(results, cfg) -> list[str]:
+  """The paper's conclusions, each checked against our losses: held / not held.
+
+  Two losses "match" when they differ by less than `tol`; one is "worse" when it
+  is higher by more than `tol`. tol = max(0.05 nats, 2 x the median spread
+  between seeds of one run).
+  """
+  spreads = [np.ptp([v[-1] for v in h["valid_loss"]]) for h in results.values()
+             if len(h["valid_loss"]) > 1 and all(math.isfinite(v[-1]) for v in h["valid_loss"])]
+  tol = max(0.05, 2 * float(np.median(spreads))) if spreads else 0.05
+  have = lambda *names: all(f"{n}/warmup" in results for n in names)  # noqa: E731
+  L = lambda n, w: _final(results, n, w)  # noqa: E731
+  close = lambda a, b: abs(a - b) < tol  # noqa: E731
+  worse = lambda a, b: a > b + tol  # noqa: E731
+  checks = []
+
+  def check(claim, names, ok, detail):
+    if have(*names):
+      checks.append(f"- {'**holds**' if ok() else '**does not hold**'}: {claim} ({detail()})")
+
+  f3 = lambda x: "inf" if not math.isfinite(x) else f"{x:.3f}"  # noqa: E731
+  check("factored = full second moment, with warmup (A vs C)", "AC",
+        lambda: close(L("A", 1), L("C", 1)), lambda: f"{f3(L('A', 1))} vs {f3(L('C', 1))}")
+  check("factored = full, clipped, without warmup (H vs J)", "HJ",
+        lambda: close(L("H", 0), L("J", 0)), lambda: f"{f3(L('H', 0))} vs {f3(L('J', 0))}")
+  check("row-mean-only estimate trains like factored, with warmup (D vs C)", "CD",
+        lambda: close(L("D", 1), L("C", 1)), lambda: f"{f3(L('D', 1))} vs {f3(L('C', 1))}")
+  check("column-mean-only estimate fails, with warmup (E worse than C)", "CE",
+        lambda: worse(L("E", 1), L("C", 1)), lambda: f"{f3(L('E', 1))} vs {f3(L('C', 1))}")
+  check("b2 = 0.999 without warmup is worse than with (A)", "A",
+        lambda: worse(L("A", 0), L("A", 1)), lambda: f"{f3(L('A', 0))} vs {f3(L('A', 1))}")
+  for n, what in (("B", "momentum 0.9"), ("G", "b2 = 0.9"), ("K", "b2_t = 1 - t^-0.5"),
+                  ("H", "clipping d = 1")):
+    check(f"{what} rescues no-warmup training ({n} better than A without warmup)", "A" + n,
+          lambda n=n: worse(L("A", 0), L(n, 0)),
+          lambda n=n: f"{f3(L(n, 0))} vs {f3(L('A', 0))}")
+  check("clipping d = 2 does not rescue it (I not better than A without warmup)", "AI",
+        lambda: not worse(L("A", 0), L("I", 0)), lambda: f"{f3(L('I', 0))} vs {f3(L('A', 0))}")
+  for n in ("L", "M"):
+    check(f"unclipped 1 - t^-{ROWS[n].b2[3:]} is worse without warmup ({n})", n,
+          lambda n=n: worse(L(n, 0), L(n, 1)), lambda n=n: f"{f3(L(n, 0))} vs {f3(L(n, 1))}")
+  check("clipping rescues 1 - t^-0.8 without warmup (N better than L)", "LN",
+        lambda: worse(L("L", 0), L("N", 0)), lambda: f"{f3(L('N', 0))} vs {f3(L('L', 0))}")
+  for n in ("O", "P"):
+    check(f"relative step trains as well without warmup as with ({n})", n,
+          lambda n=n: not worse(L(n, 0), L(n, 1)), lambda n=n: f"{f3(L(n, 0))} vs {f3(L(n, 1))}")
+  check("relative step (O) is about as good as Adam-like B with warmup", "BO",
+        lambda: not worse(L("O", 1), L("B", 1)), lambda: f"{f3(L('O', 1))} vs {f3(L('B', 1))}")
+  qs = [n for n in cfg.rows if n.startswith("Q")]
+  if qs:
+    best = min(qs, key=lambda n: L(n, 1))
+    checks.append(f"- SGD (row Q): best k with warmup is {best[1:]} ({f3(L(best, 1))}); "
+                  + ", ".join(f"k={n[1:]}: {f3(L(n, 1))} / {f3(L(n, 0))}" for n in qs)
+                  + " (warmup / no warmup). The paper's best is k=200; no warmup diverges "
+                  "from k=100.")
+  return [f"Checks of the paper's conclusions (computed; tol = {tol:.3f} nats of held-out "
+          "loss):", ""] + checks
 
 
 def plot_rows(results, cfg, path):
@@ -378,6 +445,7 @@ def plot_figure1(results, cfg, path):
     rms = np.asarray(results[key]["update_rms"][0])
     ax.plot(np.arange(1, rms.size + 1), rms, color=color, lw=1, label=f"{label} (row {name})")
   ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+  ax.axvline(1e4 * cfg.steps / PAPER_STEPS, color="gray", lw=0.8, ls="--", label="end of warmup")
   ax.set_xlabel("step")
   ax.set_ylabel(f"RMS(U_t) of {cfg.probe}")
   ax.set_title("Figure 1: unclipped update RMS, with warmup, no clipping")
@@ -434,6 +502,8 @@ def parse_args(argv=None) -> Config:
   p.add_argument("--step-scale", type=float)
   p.add_argument("--rows", help="comma-separated, e.g. A,C,Q100 (default: all)")
   p.add_argument("--out", default=d.out)
+  p.add_argument("--report-only", action="store_true",
+                 help="rebuild the .md and plots from --out's paper_table2.json")
   a = p.parse_args(argv)
   cfg = Config(**QUICK) if a.quick else Config()
   cfg.out = a.out
@@ -449,12 +519,27 @@ def parse_args(argv=None) -> Config:
   cfg.eval_every = min(cfg.eval_every, cfg.steps)
   if cfg.steps % cfg.eval_every:
     p.error("--steps must be a multiple of the evaluation interval")
+  cfg.report_only = a.report_only
   return cfg
+
+
+def report(out: pathlib.Path) -> dict:
+  """Rebuilds the table and plots from a saved run."""
+  saved = json.loads((out / "paper_table2.json").read_text())
+  fields = {f.name for f in dataclasses.fields(Config)}
+  cfg = Config(**{k: tuple(v) if k == "rows" else v
+                  for k, v in saved["config"].items() if k in fields})
+  cfg.out = str(out)
+  table = markdown(saved["results"], cfg, saved["data"], saved["wall_s"], saved["unigram_loss"])
+  (out / "paper_table2.md").write_text(table)
+  plot_rows(saved["results"], cfg, out / "paper_table2.png")
+  plot_figure1(saved["results"], cfg, out / "paper_table2_figure1.png")
+  return {"table": table, "results": saved["results"], "wall_s": saved["wall_s"]}
 
 
 def main(argv=None) -> dict:
   cfg = parse_args(argv)
-  result = run(cfg)
+  result = report(pathlib.Path(cfg.out)) if cfg.report_only else run(cfg)
   print()
   print(result["table"])
   print(f"wrote {cfg.out}/paper_table2.md, .png, _figure1.png, .json "
