@@ -366,7 +366,7 @@ def findings(results, cfg) -> list[str]:
     if have(*names):
       checks.append(f"- {'**holds**' if ok() else '**does not hold**'}: {claim} ({detail()})")
 
-  f3 = lambda x: "inf" if not math.isfinite(x) else f"{x:.3f}"  # noqa: E731
+  f3 = lambda x: "inf" if not math.isfinite(x) else f"{x:.3f}" if x < 100 else f"{x:.2g}"  # noqa: E731
   check("factored = full second moment, with warmup (A vs C)", "AC",
         lambda: close(L("A", 1), L("C", 1)), lambda: f"{f3(L('A', 1))} vs {f3(L('C', 1))}")
   check("factored = full, clipped, without warmup (H vs J)", "HJ",
