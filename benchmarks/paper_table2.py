@@ -294,8 +294,9 @@ def _fmt(losses, train_losses, threshold):
 def markdown(results, cfg, info, wall_s, threshold):
   lines = [
       "| row | factored | b1 | b2_t | d | paper BLEU warmup | paper BLEU no warmup "
-      "| ours: held-out loss, warmup | ours: no warmup | next-byte acc. warmup / no warmup |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| ours: held-out loss, warmup | ours: no warmup | next-byte acc. warmup / no warmup "
+      "| peak train loss after step 1, warmup / no warmup |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name in cfg.rows:
     fac, b1, b2, d = describe(name)
@@ -306,14 +307,15 @@ def markdown(results, cfg, info, wall_s, threshold):
     else:
       paper = (ROWS[name].bleu_warmup, ROWS[name].bleu_no_warmup)
       label = name
-    cells = []
-    accs = []
+    cells, accs, peaks = [], [], []
     for warmup in (True, False):
       h = results[f"{name}/{'warmup' if warmup else 'no_warmup'}"]
       cells.append(_fmt([v[-1] for v in h["valid_loss"]], h["train_loss"], threshold))
       accs.append(np.mean([a[-1] for a in h["valid_acc"]]))
+      peak = np.mean([max(t[1:], default=np.nan) for t in h["train_loss"]])
+      peaks.append(f"{peak:.2f}" if abs(peak) < 100 else f"{peak:.2g}")
     lines.append(f"| {label} | {fac} | {b1} | {b2} | {d} | {paper[0]} | {paper[1]} | "
-                 f"{cells[0]} | {cells[1]} | {accs[0]:.3f} / {accs[1]:.3f} |")
+                 f"{cells[0]} | {cells[1]} | {accs[0]:.3f} / {accs[1]:.3f} | {peaks[0]} / {peaks[1]} |")
   f = PAPER_STEPS / cfg.steps
   lines += [
       "",
