@@ -33,8 +33,8 @@ in the paper's first 1000 steps (Figure 1).
 
 Usage::
 
-  python benchmarks/paper_table2.py            # the full table (measured time in the .md)
-  python benchmarks/paper_table2.py --quick    # CI: a tiny model, a few rows, < 1 minute
+  python benchmarks/paper_table2.py            # the full table: 20 min on 2 shared CPU cores (measured)
+  python benchmarks/paper_table2.py --quick    # CI: tiny model, rows A, G, Q100: 32 s (measured)
 
 Writes ``paper_table2.md`` (the table beside the paper's BLEU), ``paper_table2.png``
 (held-out loss per row), ``paper_table2_figure1.png`` (RMS(U_t) of one weight
