@@ -25,7 +25,7 @@ and trains 250x fewer steps, and at peaks of 1e-2 and 3e-2 (step_scale 10, 30;
 measured on rows A, G, H, one seed) the training loss never rose above its
 initial value after step 1, with or without warmup, so nothing could show the
 paper's "unstable without warmup". At 5e-2 the first steps without warmup are
-large enough that the loss jumps above its initial value within 3 steps
+large enough that the loss jumps above its initial value within 6 steps
 (measured for b2 = 0.999 and 0.9), and with warmup it does not; at 1e-1 every
 row trains poorly. b2 is *not* rescaled: 0.999 keeps its ~1000-step
 memory, longer than our whole run, so its second-moment estimate lags much as
