@@ -17,8 +17,8 @@ from adafactor_optax._factoring import (
 )
 from adafactor_optax._finite import SkipNonFiniteState, skip_non_finite
 from adafactor_optax._momentum import EmaMomentumState, ema_momentum
-from adafactor_optax._sharding import state_partition_specs, state_shardings
 from adafactor_optax._schedules import bias_corrected_decay, increasing_decay, inverse_sqrt_step
+from adafactor_optax._sharding import state_partition_specs, state_shardings
 from adafactor_optax._step_size import RelativeStepSizeState, relative_step_size
 
 __version__ = "0.1.0"

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics
-from adafactor_optax import _sharding
+from adafactor_optax import _numerics, _sharding
 
 
 class EmaMomentumState(NamedTuple):

@@ -28,8 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.Array:

@@ -59,8 +59,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-import adafactor_optax as ao  # noqa: E402
-import train_lm  # noqa: E402
+import train_lm
+
+import adafactor_optax as ao
 
 PAPER_STEPS = 100_000
 
@@ -155,8 +156,7 @@ def describe(name: str) -> tuple[str, str, str, str]:
     return "SGD", "-", "-", "-"
   r = ROWS[name]
   fac = {None: "-", "factored": "yes", "row": "row-mean only", "col": "column-mean only"}
-  b2 = r.b2 if r.b2.startswith("t") else r.b2
-  b2 = "1 - " + b2 if b2.startswith("t") else b2
+  b2 = "1 - " + r.b2 if r.b2.startswith("t") else r.b2
   return fac[r.factored], "0" if r.b1 is None else str(r.b1), b2, "-" if r.d is None else str(r.d)
 
 
@@ -281,7 +281,7 @@ def status(valid_loss: float, train_loss, threshold: float) -> str:
 def _fmt(losses, train_losses, threshold):
   """Mean held-out loss over seeds, with every seed's value and its status."""
   flags = [status(x, t, threshold) for x, t in zip(losses, train_losses)]
-  num = lambda x, p: f"{x:.{p}f}" if abs(x) < 100 else f"{x:.2g}"  # noqa: E731
+  num = lambda x, p: f"{x:.{p}f}" if abs(x) < 100 else f"{x:.2g}"
   mean = num(float(np.mean(losses)), 3) if all(map(math.isfinite, losses)) else "nan"
   spread = "" if len(losses) == 1 else " (" + " / ".join(
       "nan" if not math.isfinite(x) else num(x, 2) for x in losses) + ")"
@@ -358,17 +358,17 @@ def findings(results, cfg) -> list[str]:
   spreads = [np.ptp([v[-1] for v in h["valid_loss"]]) for h in results.values()
              if len(h["valid_loss"]) > 1 and all(math.isfinite(v[-1]) for v in h["valid_loss"])]
   tol = max(0.05, 2 * float(np.median(spreads))) if spreads else 0.05
-  have = lambda *names: all(f"{n}/warmup" in results for n in names)  # noqa: E731
-  L = lambda n, w: _final(results, n, w)  # noqa: E731
-  close = lambda a, b: abs(a - b) < tol  # noqa: E731
-  worse = lambda a, b: a > b + tol  # noqa: E731
+  have = lambda *names: all(f"{n}/warmup" in results for n in names)
+  L = lambda n, w: _final(results, n, w)
+  close = lambda a, b: abs(a - b) < tol
+  worse = lambda a, b: a > b + tol
   checks = []
 
   def check(claim, names, ok, detail):
     if have(*names):
       checks.append(f"- {'**holds**' if ok() else '**does not hold**'}: {claim} ({detail()})")
 
-  f3 = lambda x: "inf" if not math.isfinite(x) else f"{x:.3f}" if x < 100 else f"{x:.2g}"  # noqa: E731
+  f3 = lambda x: "inf" if not math.isfinite(x) else f"{x:.3f}" if x < 100 else f"{x:.2g}"
   check("factored = full second moment, with warmup (A vs C)", "AC",
         lambda: close(L("A", 1), L("C", 1)), lambda: f"{f3(L('A', 1))} vs {f3(L('C', 1))}")
   check("factored = full, clipped, without warmup (H vs J)", "HJ",

@@ -15,7 +15,6 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import AxisType
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adafactor_optax as ao
