@@ -137,10 +137,10 @@ def adafactor(
   if min_dim_size_to_factor is None:
     min_dim_size_to_factor = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
   # The named rules never split a parameter into blocks; a user's rule may.
-  batch_axes = None
-  if factor_rule is not None and not isinstance(factor_rule, str) and factored:
-    batch_axes = _factoring.batch_axes_rule(_factoring.resolve(factor_rule))
-
+  batch_axes = _factoring.block_axes_rule(factor_rule, factored=factored)
+  # Clipping inside scale_by_factored_rms is the same step in fewer memory
+  # passes; the diagnostics read U_t before clipping, so they keep it apart.
+  clip_apart = diagnostics and clipping_threshold is not None
   tx = [
       _factored.scale_by_factored_rms(
           decay=decay_schedule,
@@ -149,9 +149,10 @@ def adafactor(
           min_dim_size_to_factor=min_dim_size_to_factor,
           factor_rule=factor_rule,
           stats_dtype=stats_dtype,
+          clipping_threshold=None if clip_apart else clipping_threshold,
       )
   ]
-  if clipping_threshold is not None:
+  if clip_apart:
     tx.append(_clipping.clip_by_block_rms(clipping_threshold, batch_axes=batch_axes))
   if multiply_by_parameter_scale:
     if learning_rate is None:

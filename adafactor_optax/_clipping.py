@@ -12,6 +12,12 @@ def clipping_denominator(rms: jax.Array, threshold: jax.typing.ArrayLike) -> jax
   return jnp.maximum(1, rms / _numerics.as_dtype(threshold, rms.dtype))
 
 
+def clip_to_rms(u: jax.Array, rms: jax.Array, threshold: jax.typing.ArrayLike) -> jax.Array:
+  """``Uc = U / max(1, RMS(U) / d)`` given ``RMS(U)`` (per block), in `u`'s dtype."""
+  u_wide = _numerics.upcast(u)
+  return (u_wide / clipping_denominator(rms, threshold).astype(u_wide.dtype)).astype(u.dtype)
+
+
 def clip_by_block_rms(
     threshold: jax.typing.ArrayLike = 1.0, *, batch_axes: _numerics.BatchAxes = None
 ) -> optax.GradientTransformation:
@@ -40,9 +46,7 @@ def clip_by_block_rms(
   _numerics.check("clipping_threshold", threshold, lambda d: d > 0, "> 0")
 
   def clip(u, batch_axes):
-    u_wide = _numerics.upcast(u)
-    denom = clipping_denominator(_numerics.block_rms(u, batch_axes), threshold)
-    return (u_wide / denom.astype(u_wide.dtype)).astype(u.dtype)
+    return clip_to_rms(u, _numerics.block_rms(u, batch_axes), threshold)
 
   def update_fn(updates, state, params=None):
     del params

@@ -168,6 +168,17 @@ def batch_axes_rule(factor_rule: Rule) -> Callable[[tuple, tuple[int, ...]], tup
   return batch_axes
 
 
+def block_axes_rule(factor_rule: Any, *, factored: bool = True) -> Callable | None:
+  """The batch axes a user's `factor_rule` gives clipping and the parameter scale.
+
+  None (each parameter one block) for the named rules, which have no batch
+  axes, and when nothing is factored.
+  """
+  if factor_rule is None or isinstance(factor_rule, str) or not factored:
+    return None
+  return batch_axes_rule(resolve(factor_rule))
+
+
 def factoring_report(params: optax.Params, tx: optax.GradientTransformation, rule: Rule | None = None) -> str:
   """A markdown table: which axes each parameter factors, and state bytes vs Adam.
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adafactor_optax import _numerics
+
 
 class SkipNonFiniteState(NamedTuple):
   """State of `skip_non_finite`.
@@ -20,8 +22,15 @@ class SkipNonFiniteState(NamedTuple):
 
 
 def all_finite(tree: Any) -> jax.Array:
-  """True when every element of every leaf of `tree` is finite."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  """True when every element of every leaf of `tree` is finite.
+
+  Read as ``isfinite(max |x|)`` (XLA's max propagates NaN): a float reduction
+  that fuses with its input, where ``all(isfinite(x))`` makes XLA:CPU write a
+  full-size boolean array first; `_numerics.unshared` keeps the upcast of a
+  bfloat16 leaf its own.
+  """
+  leaves = _numerics.unshared(jax.tree.leaves(tree))
+  checks = [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for x in leaves]
   return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 

@@ -23,7 +23,9 @@ def ema_momentum(
   The same as ``optax.ema(decay, debias=False, accumulator_dtype=...)`` and where
   `optax.adafactor` places it, but computed in at least float32 and returned in
   the updates' dtype, so bfloat16 updates with a float32 accumulator work under
-  strict dtype promotion.
+  strict dtype promotion. The update is m_t as stored: with a bfloat16
+  accumulator under float32 updates it is m_t rounded to bfloat16 (optax.ema
+  returns the unrounded value).
 
   Args:
     decay: b1, in [0, 1).
@@ -55,9 +57,12 @@ def ema_momentum(
       b1 = _numerics.as_dtype(decay, _numerics.compute_dtype(u32.dtype)).astype(u32.dtype)
       return (1 - b1) * u32 + b1 * m.astype(u32.dtype)
 
-    new = jax.tree.map(average, updates, state.ema)
-    updates = jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates)
-    ema = jax.tree.map(lambda n, m: n.astype(m.dtype), new, state.ema)
+    ema = jax.tree.map(lambda u, m: average(u, m).astype(m.dtype), updates, state.ema)
+    # The step is m_t as stored. With an accumulator narrower than the updates
+    # (bfloat16 under float32 parameters) this rounds it once more than
+    # optax.ema, and saves XLA from keeping the old m_{t-1} for a second
+    # fusion (a copy of the momentum each step).
+    updates = jax.tree.map(lambda m, u: m.astype(u.dtype), ema, updates)
     return updates, EmaMomentumState(ema=ema)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -45,6 +45,31 @@ def as_dtype(value: jax.typing.ArrayLike, dtype: Any) -> jax.Array:
   return jnp.asarray(value).astype(dtype)
 
 
+def unshared(tree: Any, copies: int = 1) -> Any:
+  """`tree` under names of its own, for reductions to read: `copies` of it.
+
+  XLA:CPU fuses a reduction only with inputs that have no other use. An
+  intermediate shared by a reduction and another consumer (one ``G^2`` for the
+  row and the column means, one ``U`` for RMS(U) and the clipped update, one
+  upcast of a bfloat16 ``X`` for RMS(X) and the new ``X``) is therefore written
+  to memory in full, then read back: two extra passes over a parameter-sized
+  buffer. Values passed through one optimization barrier are new names that
+  XLA's common-subexpression elimination cannot merge with the originals or
+  with each other, so each reduction recomputes its intermediates from the
+  inputs. Operands already in memory are not copied. All copies must come from
+  one call: XLA merges two identical barriers.
+
+  Args:
+    tree: arrays (a pytree) that one or more reductions read.
+    copies: how many separately named copies to return.
+
+  Returns:
+    The tree itself when ``copies == 1``, else a tuple of `copies` trees.
+  """
+  out = jax.lax.optimization_barrier((tree,) * copies)
+  return out[0] if copies == 1 else out
+
+
 def block_rms(x: jax.Array, batch_axes: tuple[int, ...] = ()) -> jax.Array:
   """RMS(x) = sqrt(mean(|x|^2)) per block, in `compute_dtype`.
 

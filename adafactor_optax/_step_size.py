@@ -18,7 +18,9 @@ def parameter_scale(
     param: jax.Array, eps2: jax.typing.ArrayLike, batch_axes: tuple[int, ...] = ()
 ) -> jax.Array:
   """``max(eps2, RMS(X))`` per block of one parameter, in at least float32."""
-  p_rms = _numerics.block_rms(param, batch_axes)
+  # Its own X: a bfloat16 X upcast once, for the RMS and for the parameter
+  # update, would be a full-size float32 buffer.
+  p_rms = _numerics.block_rms(_numerics.unshared(param), batch_axes)
   return jax.numpy.maximum(_numerics.as_dtype(eps2, p_rms.dtype), p_rms)
 
 

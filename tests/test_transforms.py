@@ -118,6 +118,33 @@ def test_zero_gradient_gives_zero_update_not_nan():
     np.testing.assert_array_equal(leaf, 0.0)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.complex64])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_clipping_inside_equals_clip_by_block_rms_after(dtype, per_layer):
+  """`scale_by_factored_rms(clipping_threshold=d)` is the chain with `clip_by_block_rms(d)`."""
+  rule = (lambda path, shape: ao.FactorSpec(-2, -1, batch=(0,)) if len(shape) == 3 else None
+          ) if per_layer else None
+  batch_axes = (lambda path, shape: (0,) if len(shape) == 3 else ()) if per_layer else None
+  shapes = {"w": (160, 192), "stack": (3, 130, 140), "b": (192,), "s": ()}
+  rng = _rng(3)
+  grads = [{k: jnp.asarray((10.0 ** rng.uniform(-3, 3)) * rng.standard_normal(s), dtype)
+            for k, s in shapes.items()} for _ in range(4)]
+  fused = ao.scale_by_factored_rms(factor_rule=rule, clipping_threshold=0.5)
+  chain = optax.chain(ao.scale_by_factored_rms(factor_rule=rule),
+                      ao.clip_by_block_rms(0.5, batch_axes=batch_axes))
+  s1, s2 = fused.init(grads[0]), chain.init(grads[0])
+  for g in grads:
+    u1, s1 = jax.jit(fused.update)(g, s1)
+    u2, s2 = jax.jit(chain.update)(g, s2)
+    for k in shapes:
+      assert u1[k].dtype == g[k].dtype
+      tol = 1e-2 if dtype == jnp.bfloat16 else 2e-6
+      np.testing.assert_allclose(np.asarray(u1[k], np.complex64), np.asarray(u2[k], np.complex64),
+                                 rtol=tol, atol=tol * float(jnp.max(jnp.abs(u2[k]))))
+    assert float(ref.rms(np.asarray(u1["w"], np.complex128))) <= 0.5 * (1 + tol)
+  jax.tree.map(np.testing.assert_array_equal, s1, s2[0])
+
+
 def test_integer_parameter_is_rejected_by_name():
   with pytest.raises(TypeError, match=r"\['step'\].*int32"):
     ao.scale_by_factored_rms().init({"w": jnp.zeros(3), "step": jnp.zeros((), jnp.int32)})
@@ -174,6 +201,18 @@ def test_ema_momentum_equals_optax_ema_and_keeps_dtype():
   assert u.dtype == jnp.bfloat16 and s.ema.dtype == jnp.float32
 
 
+def test_ema_momentum_narrow_accumulator_steps_by_the_stored_value():
+  tx = ao.ema_momentum(0.9, accumulator_dtype=jnp.bfloat16)
+  state = tx.init(jnp.zeros(64))
+  for i in range(3):
+    x = jnp.asarray(_rng(i).standard_normal(64), jnp.float32)
+    expected = (0.1 * x + 0.9 * state.ema.astype(jnp.float32)).astype(jnp.bfloat16)
+    u, state = tx.update(x, state)
+    assert u.dtype == jnp.float32 and state.ema.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(state.ema, expected)
+    np.testing.assert_array_equal(u, state.ema.astype(jnp.float32))
+
+
 @pytest.mark.parametrize(
     "factory,kwargs,name",
     [
@@ -185,6 +224,7 @@ def test_ema_momentum_equals_optax_ema_and_keeps_dtype():
         (ao.relative_step_size, dict(eps2=-1.0), "eps2"),
         (ao.scale_by_factored_rms, dict(eps=-1e-30), "eps"),
         (ao.scale_by_factored_rms, dict(min_dim_size_to_factor=0), "min_dim_size_to_factor"),
+        (ao.scale_by_factored_rms, dict(clipping_threshold=0.0), "clipping_threshold"),
         (ao.adafactor, dict(momentum=1.5), "momentum"),
         (ao.adafactor, dict(decay_rate=-0.8), "decay_rate"),
         (ao.adafactor, dict(clipping_threshold=-1.0), "clipping_threshold"),
