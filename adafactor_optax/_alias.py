@@ -51,8 +51,11 @@ def adafactor(
     Uc_t    = U_t / max(1, RMS(U_t)/d)  # d = 1
     X_t     = X_{t-1} - alpha_t Uc_t
 
-  built as ``optax.chain(scale_by_factored_rms, clip_by_block_rms,
-  relative_step_size, [ema_momentum], [add_decayed_weights], scale(-1))``.
+  built as ``optax.chain(scale_by_factored_rms, relative_step_size,
+  [ema_momentum], [add_decayed_weights], scale(-1))``, with the clipping done
+  inside `scale_by_factored_rms` (``clipping_threshold=d``): equal to a
+  separate `clip_by_block_rms` link after it, in two fewer passes over
+  parameter-sized memory.
 
   It takes `optax.adafactor`'s arguments with the same meanings, and with an
   explicit `learning_rate` its updates equal `optax.adafactor`'s. The one
