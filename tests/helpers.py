@@ -1,5 +1,8 @@
 """Shared test helpers: parameter trees, gradient streams, unrolled runs."""
 
+import importlib.util
+import pathlib
+
 import jax
 import numpy as np
 import optax
@@ -64,3 +67,12 @@ def rel_err(actual, expected):
   actual, expected = np.asarray(actual), np.asarray(expected)
   scale = np.max(np.abs(expected)) if expected.size else 0.0
   return float(np.max(np.abs(actual - expected)) / scale) if scale > 0 else float(np.max(np.abs(actual), initial=0.0))
+
+
+def load_benchmark(name):
+  """The module `benchmarks/<name>.py`, loaded from its file (benchmarks/ is no package)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -1,20 +1,13 @@
 """`benchmarks/memory.py --smoke`: the memory table's numbers follow from the state's shapes."""
 
-import importlib.util
-import os
-
 import pytest
 
-PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                    "benchmarks", "memory.py")
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
 def memory():
-  spec = importlib.util.spec_from_file_location("memory_benchmark", PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_benchmark("memory")
 
 
 def test_smoke_run_writes_table_and_plot(memory, tmp_path):

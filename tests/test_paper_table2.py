@@ -1,26 +1,17 @@
 """The Table 2 benchmark runs end to end in its --quick mode and writes its outputs."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "paper_table2.py"
-
-
-def _load_benchmark():
-  spec = importlib.util.spec_from_file_location("paper_table2", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests import helpers
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("paper_table2")
-  result = _load_benchmark().main(["--quick", "--out", str(out)])
+  result = helpers.load_benchmark("paper_table2").main(["--quick", "--out", str(out)])
   return out, result
 
 
@@ -56,7 +47,7 @@ def test_adafactor_rows_record_update_rms(quick_run):
 
 
 def test_schedules_are_the_papers_time_compressed():
-  bench = _load_benchmark()
+  bench = helpers.load_benchmark("paper_table2")
   f = 250.0  # 100k paper steps in 400
   warm, cold = bench.step_schedule(True, f), bench.step_schedule(False, f)
   # Our step t is the paper's step f t: warmup 1e-6 f t, cap 1e-2, then 1/sqrt(f t).

@@ -1,8 +1,6 @@
 """The language-model benchmark runs end to end at a tiny size and writes its outputs."""
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,19 +9,11 @@ import optax
 from flax import nnx
 
 import adafactor_optax as ao
-
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_lm.py"
-
-
-def _load_benchmark():
-  spec = importlib.util.spec_from_file_location("train_lm", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from tests import helpers
 
 
 def test_split_is_by_file_and_deterministic():
-  train_lm = _load_benchmark()
+  train_lm = helpers.load_benchmark("train_lm")
   a_train, a_valid, info = train_lm.load_stdlib_bytes(max_bytes=1 << 18)
   b_train, b_valid, _ = train_lm.load_stdlib_bytes(max_bytes=1 << 18)
   assert info["train_files"] > 0 and info["valid_files"] > 0
@@ -33,7 +23,7 @@ def test_split_is_by_file_and_deterministic():
 
 
 def test_tiny_run_writes_table_and_plot(tmp_path):
-  train_lm = _load_benchmark()
+  train_lm = helpers.load_benchmark("train_lm")
   cfg = train_lm.parse_args([
       "--steps", "6", "--d-model", "32", "--layers", "1", "--heads", "2",
       "--seq-len", "32", "--batch", "4", "--eval-every", "3",
@@ -61,7 +51,7 @@ def test_tiny_run_writes_table_and_plot(tmp_path):
 
 
 def test_model_and_adafactor_step_pass_strict_promotion():
-  train_lm = _load_benchmark()
+  train_lm = helpers.load_benchmark("train_lm")
   model = train_lm.TransformerLM(d_model=32, layers=1, seq_len=16, n_heads=2, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
   tx = ao.adafactor()
