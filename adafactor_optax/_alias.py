@@ -42,7 +42,7 @@ def adafactor(
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor (Shazeer & Stern, 2018), exactly the paper's algorithm by default.
 
-  With no arguments this is PAPER.md Algorithm 4 (matrices) and 5 (the rest)
+  With no arguments this is Algorithm 4 (matrices) and 5 (the rest)
   with Algorithm 6's hyperparameters::
 
     alpha_t = max(eps2, RMS(X_{t-1})) * min(1e-2, 1/sqrt(t))   # relative step

@@ -1,4 +1,4 @@
-"""Update clipping (PAPER.md Algorithm 4, line Uc_t)."""
+"""Update clipping (Algorithm 4, line Uc_t)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""The factored second-moment estimate of Adafactor (PAPER.md Algorithms 4 and 5).
+"""The factored second-moment estimate of Adafactor (Algorithms 4 and 5).
 
 For a matrix the second moment is kept as row and column averages, R (n) and
 C (m), and rebuilt as the rank-1 estimate ``V = R C / mean(R)``; vectors, and any
@@ -192,7 +192,7 @@ def scale_by_factored_rms(
 ) -> optax.GradientTransformation:
   """Scales updates by a factored estimate of their second moment.
 
-  For a parameter factored over rows and columns (PAPER.md Algorithm 4)::
+  For a parameter factored over rows and columns (Algorithm 4)::
 
     R_t = b2_t R_{t-1} + (1 - b2_t) mean_cols(G_t^2 + eps1)
     C_t = b2_t C_{t-1} + (1 - b2_t) mean_rows(G_t^2 + eps1)

@@ -8,7 +8,7 @@ parameter scale, so a scanned stack of layers (layers, d, f) is treated as
 `layers` separate d x f matrices.
 
 A rule maps ``(path, shape)`` to a `FactorSpec`, or None for a parameter whose
-second moment is kept whole (PAPER.md Algorithm 5).
+second moment is kept whole (Algorithm 5).
 """
 
 from collections.abc import Callable, Sequence
@@ -31,7 +31,7 @@ class FactorSpec(NamedTuple):
       computed per slice along them (the layer axis of a scanned stack).
       Axes named nowhere are averaged as part of each block.
     estimate: "factored" (V = R C / mean(R), Algorithm 4), "row" (V_ij = R_i,
-      row means only: PAPER.md Table 2 row D) or "col" (V_ij = C_j, row E).
+      row means only: Table 2 row D) or "col" (V_ij = C_j, row E).
   """
 
   row: int

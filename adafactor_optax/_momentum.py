@@ -1,4 +1,4 @@
-"""Momentum: an exponential moving average of the step (PAPER.md Table 2, row P)."""
+"""Momentum: an exponential moving average of the step (Table 2, row P)."""
 
 from typing import Any, NamedTuple
 

@@ -31,7 +31,7 @@ def _step(count: jax.typing.ArrayLike, offset: jax.typing.ArrayLike = 0) -> jax.
 def increasing_decay(
     exponent: jax.typing.ArrayLike = 0.8, offset: jax.typing.ArrayLike = 0
 ) -> Schedule:
-  """The increasing decay ``b2_t = 1 - t^(-c)`` (PAPER.md Algorithm 6).
+  """The increasing decay ``b2_t = 1 - t^(-c)`` (Algorithm 6).
 
   ``b2_1 = 0``, so the first statistics are the first squared gradient and no
   bias correction is needed. For ``c <= 1`` old gradients fade; ``c = 1`` is a
@@ -60,7 +60,7 @@ def increasing_decay(
 
 
 def bias_corrected_decay(b2: jax.typing.ArrayLike = 0.999) -> Schedule:
-  """Adam's constant b2 with the bias correction folded in (PAPER.md Algorithm 3).
+  """Adam's constant b2 with the bias correction folded in (Algorithm 3).
 
   ``b2_t = b2 (1 - b2^(t-1)) / (1 - b2^t)``: a moving average with this decay
   and zero initial state equals Adam's bias-corrected average with decay `b2`.

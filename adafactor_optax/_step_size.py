@@ -1,4 +1,4 @@
-"""Relative step size (PAPER.md Algorithm 4, line alpha_t)."""
+"""Relative step size (Algorithm 4, line alpha_t)."""
 
 from typing import NamedTuple
 

@@ -1,6 +1,6 @@
 """Table 2 of Shazeer & Stern (2018), rows A-Q, on a small byte-level Transformer LM.
 
-Every row of PAPER.md's Table 2 (A-P: Adafactor variants built with this
+Every row of the paper's Table 2 (A-P: Adafactor variants built with this
 package; Q: plain SGD with step k * s_t), each with and without warmup, trained
 on the same task as `benchmarks/train_lm.py` (its data, model, loss and batches
 are imported from it): a decoder-only byte-level Transformer on the Python

@@ -1,7 +1,7 @@
 """Train a small byte-level Transformer LM on the Python standard library's source.
 
 Compares `adafactor_optax.adafactor()` at the paper's defaults, with no warmup
-(PAPER.md Algorithm 6: relative step rho_t = min(1e-2, 1/sqrt(t)), b2_t = 1 - t^-0.8,
+(arXiv:1804.04235, Algorithm 6: relative step rho_t = min(1e-2, 1/sqrt(t)), b2_t = 1 - t^-0.8,
 update clipping d = 1, no momentum), against `optax.adam` with a linear warmup and
 cosine decay. Same model, data, initialisation, batches and number of steps.
 

@@ -1,4 +1,5 @@
-"""An independent NumPy float64 reference of Adafactor, written from PAPER.md.
+"""An independent NumPy float64 reference of Adafactor, written from the paper
+(Shazeer & Stern 2018, arXiv:1804.04235, Algorithms 4-6).
 
 It follows the paper's notation line by line: R and C are row and column *sums*
 (the implementation keeps means), V = R C / 1^T R, steps count from t = 1. It

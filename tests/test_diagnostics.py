@@ -50,7 +50,7 @@ def test_diagnostics_equal_reference_and_hand_computation():
                            reference.Config())
   p = {k: v.astype(np.float64) for k, v in params.items()}
   for t, (g, (p_before, diag)) in enumerate(zip(grads, records), start=1):
-    # b2_t = 1 - t^-0.8, rho_t = min(1e-2, 1/sqrt(t)) (PAPER.md Algorithm 6).
+    # b2_t = 1 - t^-0.8, rho_t = min(1e-2, 1/sqrt(t)) (Algorithm 6).
     np.testing.assert_allclose(diag["b2"], 1 - t**-0.8, rtol=1e-6)
     np.testing.assert_allclose(diag["rho"], min(1e-2, t**-0.5), rtol=1e-6)
     p = ref.step(p, {k: v.astype(np.float64) for k, v in g.items()})
@@ -129,7 +129,7 @@ def _fig1_update_rms(b2, steps=400, n=64):
 
 
 def test_figure1_slow_decay_gives_out_of_date_update_scale():
-  """PAPER.md Figure 1: with b2 = 0.9, RMS(U_t) stays near 1; with b2 = 0.999 it departs.
+  """Figure 1: with b2 = 0.9, RMS(U_t) stays near 1; with b2 = 0.999 it departs.
 
   Gradients shrink by an order of magnitude as the loss falls; a second-moment
   estimate averaging over ~1000 steps still remembers the large early ones, so

@@ -15,7 +15,7 @@ def _state_shapes(tx, params):
 
 
 def test_scanned_stack_optax_factors_the_layer_axis_ours_with_a_one_line_rule():
-  """PEERS.md: for a [256, 4096, 128] stack optax factors 4096 x 256, the layer axis."""
+  """For a [256, 4096, 128] stack optax factors 4096 x 256, the layer axis."""
   params = {"layers": jax.ShapeDtypeStruct((256, 4096, 128), jnp.float32)}
   theirs = jax.eval_shape(optax.adafactor(1e-2).init, params)[0]
   # Means over the 4096 axis and over the 256 (layer) axis; 128 is kept as a batch axis.
@@ -81,7 +81,7 @@ def _single_statistic_reference(grads, axis):
 
 @pytest.mark.parametrize("estimate,axis", [("row", 1), ("col", 0)])
 def test_row_only_and_column_only_estimates(estimate, axis):
-  """PAPER.md Table 2 rows D (row means only) and E (column means only)."""
+  """Table 2 rows D (row means only) and E (column means only)."""
   grads = [np.random.default_rng(i).standard_normal((7, 9)) * 10.0 ** (i - 2) for i in range(5)]
   tx = ao.scale_by_factored_rms(
       factor_rule=lambda path, shape: ao.FactorSpec(0, 1, estimate=estimate))

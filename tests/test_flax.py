@@ -193,7 +193,7 @@ def test_nnx_scan_stack_factored_axes(layers):
 
   With layers < d the per-layer matrix (d, f) is factored, one R, C pair per layer.
   With layers > d the layer axis is among the two largest and gets factored
-  instead (the PEERS.md gotcha): pick `min_dim_size_to_factor` or keep layers small.
+  instead (as in optax.adafactor): pick `min_dim_size_to_factor` or keep layers small.
   """
   model = ScannedStack(layers, nnx.Rngs(0))
   kernel = model.layers.up.kernel

@@ -1,4 +1,4 @@
-"""The alias against the NumPy float64 reference of PAPER.md, over 25 steps.
+"""The alias against the NumPy float64 reference of the paper (arXiv:1804.04235), over 25 steps.
 
 Each step both take the same X_{t-1} (the package's, in float32) and the same
 gradient; the reference keeps its own statistics in float64. The error is the

@@ -73,7 +73,7 @@ def test_state_specs_by_kind_of_leaf():
 
 
 def test_optax_adafactor_state_is_replicated_in_auto_mode():
-  """The contrast (PEERS.md): optax's jitted init ignores the parameters' sharding."""
+  """The contrast: optax's jitted init ignores the parameters' sharding."""
   mesh = make_mesh((2, 4), AxisType.Auto)
   params = transformer.place(transformer.make_params(), transformer.param_shardings(mesh))
   with jax.set_mesh(mesh):

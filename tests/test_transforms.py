@@ -74,7 +74,7 @@ def test_rank_one_estimate_is_exact_for_rank_one_squares():
 
 
 def _factored_reference(grads, b2s, eps, axes):
-  """R and C sums over a batch of matrices, V = R C / 1^T R (PAPER.md Algorithm 4)."""
+  """R and C sums over a batch of matrices, V = R C / 1^T R (Algorithm 4)."""
   r = c = 0.0
   out = []
   for g, b2 in zip(grads, b2s):
