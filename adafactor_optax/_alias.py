@@ -174,6 +174,7 @@ def adafactor(
         step_size=learning_rate,
         eps2=eps2 if multiply_by_parameter_scale else None,
         clipping_threshold=clipping_threshold,
+        batch_axes=batch_axes,
     ))
   chain = optax.chain(*tx)
   return _finite.skip_non_finite(chain) if skip_non_finite else chain

@@ -3,12 +3,19 @@
 `record_diagnostics` is an identity transform: it passes its updates through
 unchanged and keeps, in its state, what the paper plots and argues about:
 
-- ``update_rms``: RMS(U_t) of each parameter's unclipped update (Figure 1),
+- ``update_rms``: RMS(U_t) of each block's unclipped update (Figure 1),
   and ``update_rms_global``, RMS(U_t) over all parameters together;
 - ``clipped_fraction``: the fraction of parameter elements whose block update
   was clipped this step (RMS(U_t) > d);
 - ``b2``, ``rho``: the decay b2_t and relative step rho_t used this step;
-  ``alpha``: each parameter's step size ``max(eps2, RMS(X_{t-1})) rho_t``.
+  ``alpha``: each block's step size ``max(eps2, RMS(X_{t-1})) rho_t``.
+
+A block is what clipping and the parameter scale act on: a whole parameter,
+or with a factor rule's batch axes (``FactorSpec(..., batch=(0,))``, a scanned
+stack of layers) each slice along them. A parameter's ``update_rms`` and
+``alpha`` are then arrays over its batch axes (one value per layer), scalars
+otherwise; ``update_rms_global`` and ``clipped_fraction`` pool the blocks by
+their element counts.
 
 `adafactor(..., diagnostics=True)` places it right after
 `scale_by_factored_rms`, where the updates are U_t. It costs nothing when left
@@ -35,14 +42,15 @@ class AdafactorDiagnosticsState(NamedTuple):
 
   Attributes:
     diagnostics_count: number of updates recorded so far (int32, saturating).
-    update_rms: per parameter, RMS of the unclipped update U_t (float32 scalar).
+    update_rms: per parameter, RMS of the unclipped update U_t per block
+      (float32; a scalar, or an array over the parameter's batch axes).
     update_rms_global: RMS of U_t over all parameters' elements together.
     clipped_fraction: fraction of parameter elements in blocks with
       RMS(U_t) > d (0 when clipping is off).
     b2: the decay b2_t of this step.
     rho: the step size rho_t of this step.
-    alpha: per parameter, ``max(eps2, RMS(X_{t-1})) * rho_t``, or rho_t
-      when the step is absolute.
+    alpha: per parameter, ``max(eps2, RMS(X_{t-1})) * rho_t`` per block
+      (shaped as `update_rms`), or rho_t when the step is absolute.
   """
 
   diagnostics_count: jax.Array
@@ -65,6 +73,7 @@ def record_diagnostics(
     step_size: optax.ScalarOrSchedule,
     eps2: jax.typing.ArrayLike | None = 1e-3,
     clipping_threshold: jax.typing.ArrayLike | None = 1.0,
+    batch_axes: _numerics.BatchAxes = None,
 ) -> optax.GradientTransformation:
   """Records RMS(U_t), the clipped fraction, b2_t, rho_t and alpha_t; updates pass through.
 
@@ -78,6 +87,9 @@ def record_diagnostics(
     eps2: the floor of the parameter scale; None when the step is absolute
       (``multiply_by_parameter_scale=False``): alpha_t is then rho_t.
     clipping_threshold: d of `clip_by_block_rms`, None when clipping is off.
+    batch_axes: ``(path, shape) -> axes`` of the blocks, as given to
+      `clip_by_block_rms` and `relative_step_size`; None: each parameter is
+      one block.
 
   Returns:
     An `optax.GradientTransformation` whose update needs `params` (for
@@ -96,16 +108,29 @@ def record_diagnostics(
     [1.0, 0.0, 0.01]
   """
 
+  def blocks(tree):
+    """Each leaf's batch axes: the blocks whose values are recorded."""
+    if batch_axes is None:
+      return jax.tree.map(lambda x: (), tree)
+    return jax.tree_util.tree_map_with_path(lambda path, x: batch_axes(path, x.shape), tree)
+
+  def per_block(x, axes):
+    """`x` (a block value broadcasting against its leaf) as an array over `axes`."""
+    return x.reshape([n for a, n in enumerate(x.shape) if a in axes]).astype(jnp.float32)
+
+  def zeros(x, axes):
+    return jnp.zeros([x.shape[a] for a in axes], jnp.float32)
+
   def init_fn(params):
-    zeros = lambda p: jnp.zeros([], jnp.float32)
+    axes = blocks(params)
     return AdafactorDiagnosticsState(
         diagnostics_count=jnp.zeros([], jnp.int32),
-        update_rms=jax.tree.map(zeros, params),
+        update_rms=jax.tree.map(zeros, params, axes),
         update_rms_global=jnp.zeros([], jnp.float32),
         clipped_fraction=jnp.zeros([], jnp.float32),
         b2=jnp.zeros([], jnp.float32),
         rho=jnp.zeros([], jnp.float32),
-        alpha=jax.tree.map(zeros, params),
+        alpha=jax.tree.map(zeros, params, axes),
     )
 
   def update_fn(updates, state, params=None):
@@ -113,26 +138,31 @@ def record_diagnostics(
       raise ValueError("record_diagnostics needs params: call update(updates, state, params).")
     count = state.diagnostics_count
     rho = _at(step_size, count)
-    rms = jax.tree.map(lambda u: _numerics.block_rms(u).astype(jnp.float32), updates)
-    sizes = jax.tree.map(lambda u: jnp.asarray(u.size, jnp.float32), updates)
+    axes = blocks(updates)
+    rms = jax.tree.map(lambda u, a: per_block(_numerics.block_rms(u, a), a), updates, axes)
+    # Elements per block: a block's share of the pooled values.
+    block_size = jax.tree.map(lambda u, r: jnp.float32(u.size / max(r.size, 1)), updates, rms)
     total = jnp.asarray(max(sum(u.size for u in jax.tree.leaves(updates)), 1), jnp.float32)
-    sum_sq = sum(jax.tree.leaves(jax.tree.map(lambda r, n: jnp.square(r) * n, rms, sizes)),
-                 jnp.zeros([], jnp.float32))
+
+    def pooled(tree):  # zero-size leaves (RMS NaN) hold no elements: left out
+      sums = jax.tree.map(lambda x, u, n: jnp.sum(x) * n if u.size else jnp.zeros([], jnp.float32),
+                          tree, updates, block_size)
+      return sum(jax.tree.leaves(sums), jnp.zeros([], jnp.float32)) / total
+
     if clipping_threshold is None:
       clipped = jnp.zeros([], jnp.float32)
     else:
       d = jnp.asarray(clipping_threshold).astype(jnp.float32)
-      clipped_sizes = jax.tree.map(lambda r, n: jnp.where(r > d, n, 0.0), rms, sizes)
-      clipped = sum(jax.tree.leaves(clipped_sizes), jnp.zeros([], jnp.float32)) / total
+      clipped = pooled(jax.tree.map(lambda r: (r > d).astype(jnp.float32), rms))
     if eps2 is None:
-      alpha = jax.tree.map(lambda u: rho, updates)
+      alpha = jax.tree.map(lambda r: jnp.broadcast_to(rho, r.shape), rms)
     else:
       alpha = jax.tree.map(
-          lambda p: _step_size.step_scale(p, rho, eps2).astype(jnp.float32), params)
+          lambda p, a: per_block(_step_size.step_scale(p, rho, eps2, a), a), params, axes)
     new_state = AdafactorDiagnosticsState(
         diagnostics_count=optax.safe_increment(count),
         update_rms=rms,
-        update_rms_global=jnp.sqrt(sum_sq / total),
+        update_rms_global=jnp.sqrt(pooled(jax.tree.map(jnp.square, rms))),
         clipped_fraction=clipped,
         b2=_at(decay, count),
         rho=rho,

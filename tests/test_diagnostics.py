@@ -143,3 +143,91 @@ def test_figure1_slow_decay_gives_out_of_date_update_scale():
   assert slow.min() < 0.4
   # Distance from 1 on a log scale, averaged over the run: several times larger.
   assert np.mean(np.abs(np.log(slow))) > 3 * np.mean(np.abs(np.log(fast)))
+
+
+def _per_layer(path, shape):
+  return ao.FactorSpec(-2, -1, batch=(0,)) if len(shape) == 3 else None
+
+
+# Two layers of very different scale, whose gradients change scale in opposite
+# directions: after step 1 one layer's U_t is clipped while the other's is not,
+# and the RMS of U_t over the whole stack is below d (so per-parameter clipping
+# would clip neither).
+LAYER_SCALES = [(1.0, 1.0), (10.0, 0.1), (0.1, 10.0), (1.0, 1.0), (3.0, 0.3)]
+
+
+def _stack_problem():
+  rng = np.random.default_rng(3)
+  params = {
+      "stack": np.stack([1e-3 * rng.standard_normal((160, 130)),
+                         rng.standard_normal((160, 130))]).astype(np.float32),
+      "b": (0.1 * rng.standard_normal(130)).astype(np.float32),
+  }
+  grads = [{"stack": np.stack([a * rng.standard_normal((160, 130)),
+                               b * rng.standard_normal((160, 130))]).astype(np.float32),
+            "b": rng.standard_normal(130).astype(np.float32)} for a, b in LAYER_SCALES]
+  return params, grads
+
+
+def _split(tree):
+  """The stack's layers as separate parameters: what a per-layer rule must equal."""
+  out = {k: np.asarray(v, np.float64) for k, v in tree.items() if k != "stack"}
+  out |= {f"layer{i}": np.asarray(x, np.float64) for i, x in enumerate(tree["stack"])}
+  return out
+
+
+def test_per_layer_rule_diagnostics_follow_the_blocks():
+  """With FactorSpec(batch=(0,)) alpha_t, RMS(U_t) and clipping are per layer.
+
+  Expected values: the reference run on the layers given as separate parameters.
+  """
+  params, grads = _stack_problem()
+  records = _run(ao.adafactor(diagnostics=True, factor_rule=_per_layer), params, grads)
+  ref = RecordingReference(_split(params), reference.Config())
+  p = _split(params)
+  layers = ("layer0", "layer1")
+  clipped_layers = 0
+  for t, (g, (p_before, diag)) in enumerate(zip(grads, records), start=1):
+    p = ref.step(p, _split(g))
+    rms_u = ref.update_rms[-1]
+    assert diag["update_rms"]["stack"].shape == (2,) and diag["alpha"]["stack"].shape == (2,)
+    np.testing.assert_allclose(diag["update_rms"]["stack"], [rms_u[k] for k in layers], rtol=1e-4)
+    np.testing.assert_allclose(diag["update_rms"]["b"], rms_u["b"], rtol=1e-4)
+    rho = min(1e-2, t**-0.5)
+    expected_alpha = [max(1e-3, reference.rms(np.asarray(x, np.float64))) * rho
+                      for x in p_before["stack"]]
+    np.testing.assert_allclose(diag["alpha"]["stack"], expected_alpha, rtol=1e-5)
+    sizes = {k: v.size for k, v in _split(params).items()}
+    total = sum(sizes.values())
+    np.testing.assert_allclose(
+        diag["update_rms_global"],
+        np.sqrt(sum(sizes[k] * rms_u[k] ** 2 for k in sizes) / total), rtol=1e-4)
+    np.testing.assert_allclose(
+        diag["clipped_fraction"], sum(sizes[k] for k in sizes if rms_u[k] > 1.0) / total,
+        atol=1e-7)
+    clipped_layers += sum(rms_u[k] > 1.0 for k in layers) == 1
+  # The case is meaningful: at some step exactly one of the two layers was clipped,
+  # while the stack as a whole was not, and the layers' alphas differ by decades.
+  assert clipped_layers >= 2
+  alpha = np.asarray(records[0][1]["alpha"]["stack"])
+  assert alpha[1] > 100 * alpha[0]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": 0.9}])
+def test_per_layer_diagnostics_keep_the_blocks_of_clipping(kwargs):
+  """diagnostics=True moves clipping into a separate link, which must clip per layer
+  as the fused clipping does; both equal the reference on the separate layers."""
+  params, grads = _stack_problem()
+  plain, _, _ = helpers.run_scan(
+      ao.adafactor(factor_rule=_per_layer, **kwargs), params, helpers.stack(grads))
+  with_diag, _, _ = helpers.run_scan(
+      ao.adafactor(diagnostics=True, factor_rule=_per_layer, **kwargs), params,
+      helpers.stack(grads))
+  np.testing.assert_allclose(with_diag["stack"], plain["stack"], rtol=1e-6, atol=1e-9)
+  ref = reference.Adafactor(_split(params), reference.Config(b1=kwargs.get("momentum")))
+  p = _split(params)
+  for g in grads:
+    p = ref.step(p, _split(g))
+  for i in range(2):
+    assert helpers.rel_err(with_diag["stack"][i] - params["stack"][i],
+                           p[f"layer{i}"] - params["stack"][i]) < 1e-4
