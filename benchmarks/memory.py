@@ -10,12 +10,15 @@ transformer on the local device: what the step needs besides its inputs and
 outputs.
 
   python benchmarks/memory.py            # full table, writes benchmarks/results/
-  python benchmarks/memory.py --smoke    # seconds: tiny shapes, for CI
+  python benchmarks/memory.py --smoke    # seconds: tiny shapes, for CI; writes to a new
+                                         # temporary directory unless given --out
 """
 
 import argparse
 import math
 import os
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -154,8 +157,10 @@ def temp_table(shapes):
           for name, make in optimizers.items()]
 
 
-def markdown(rows, temps, temp_model):
+def markdown(rows, temps, temp_model, command="python benchmarks/memory.py"):
   lines = [
+      f"Made by `{command}` (JAX {jax.__version__}, optax {optax.__version__}).",
+      "",
       "| model | params | mesh (FSDP x TP) | optimizer | state, total GiB | state per device, MiB"
       " | state / params (per device) |",
       "|---|---|---|---|---|---|---|",
@@ -175,7 +180,7 @@ def markdown(rows, temps, temp_model):
   ]
   for t in temps:
     lines.append(f"| {t['optimizer']} | {t['temp'] / 2**20:,.1f} | "
-                 f"{t['temp'] / t['param_bytes']:.2f} |")
+                 f"{t['temp'] / t['param_bytes']:.3f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -205,8 +210,13 @@ def plot(rows, path):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, runs in seconds")
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--out", help="default: benchmarks/results/, or a temporary directory "
+                      "for --smoke")
   args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = (tempfile.mkdtemp(prefix="memory_smoke_") if args.smoke
+                else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  command = " ".join(["python benchmarks/memory.py", *(sys.argv[1:] if argv is None else argv)])
   if args.smoke:
     models = {"tiny T5": t5_shapes(256, 512, 2, 4, 64, 1024),
               "tiny decoder": decoder_shapes(256, 512, 2, 4, 2, 64, 1024)}
@@ -219,12 +229,13 @@ def main(argv=None):
     temp_shapes = decoder_shapes(1024, 4096, 4, 16, 4, 64, 32000)
   rows = state_table(models, meshes)
   temps = temp_table(temp_shapes)
-  text = markdown(rows, temps, temp_model)
+  text = markdown(rows, temps, temp_model, command)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "memory.md"), "w") as f:
     f.write(text)
   plot(rows, os.path.join(args.out, "memory.png"))
   print(text)
+  print(f"wrote {args.out}/memory.md, memory.png")
   return rows, temps
 
 

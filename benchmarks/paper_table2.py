@@ -34,11 +34,15 @@ in the paper's first 1000 steps (Figure 1).
 Usage::
 
   python benchmarks/paper_table2.py            # the full table: 20 min on 2 shared CPU cores (measured)
-  python benchmarks/paper_table2.py --quick    # CI: tiny model, rows A, G, Q100: 32 s (measured)
+  python benchmarks/paper_table2.py --quick    # CI: tiny model, rows A, G, Q100, under a minute
+  python benchmarks/paper_table2.py --report-only   # rebuild .md and plots from the .json
 
 Writes ``paper_table2.md`` (the table beside the paper's BLEU), ``paper_table2.png``
 (held-out loss per row), ``paper_table2_figure1.png`` (RMS(U_t) of one weight
-matrix, b2 = 0.9 vs 0.999, with warmup) and ``paper_table2.json`` to ``--out``.
+matrix, b2 = 0.9 vs 0.999, with warmup) and ``paper_table2.json`` to ``--out``:
+by default ``benchmarks/results/``, but for ``--quick`` a new temporary
+directory, so that a quick run never overwrites the committed full table. The
+JSON is strict (no NaN tokens): a non-finite number is written as null.
 """
 
 import argparse
@@ -48,6 +52,7 @@ import math
 import os
 import pathlib
 import sys
+import tempfile
 import time
 
 import jax
@@ -64,6 +69,9 @@ import train_lm
 import adafactor_optax as ao
 
 PAPER_STEPS = 100_000
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# The hand-written reading of a committed run, kept by --report-only.
+NOTES_HEADING = "## Reading the results"
 
 
 # ------------------------------------------------------------------------- the rows
@@ -179,7 +187,7 @@ class Config:
   rows: tuple[str, ...] = tuple(ROWS) + tuple(f"Q{k}" for k in SGD_K)
   probe: str = "blocks/0/up/kernel"
   max_bytes: int | None = None
-  out: str = "benchmarks/results"
+  out: str | None = None  # None: benchmarks/results/, or a temporary directory for --quick
 
 
 def init_params(cfg: Config):
@@ -337,8 +345,31 @@ def markdown(results, cfg, info, wall_s, threshold):
       f"files. Wall time {wall_s:.0f} s on {jax.devices()[0].platform.upper()} "
       f"({os.cpu_count()} cores), JAX {jax.__version__}.",
       "",
-  ] + findings(results, cfg)
+  ] + findings(results, cfg) + [""] + figure1_findings(results, cfg)
   return "\n".join(lines) + "\n"
+
+
+def figure1_findings(results, cfg) -> list[str]:
+  """Figure 1's reading, computed: RMS(U_t) of the probe after warmup, rows G and A."""
+  end = int(round(1e4 * cfg.steps / PAPER_STEPS))
+  lines = []
+  for name, b2 in (("G", "0.9"), ("A", "0.999")):
+    key = f"{name}/warmup"
+    if key not in results or results[key].get("update_rms") is None:
+      continue
+    rms = np.asarray(results[key]["update_rms"], np.float64)[:, end:]
+    rms = rms[np.isfinite(rms)]
+    if not rms.size:
+      continue
+    lo, med, hi = np.percentile(rms, [5, 50, 95])
+    lines.append(
+        f"- b2 = {b2} (row {name}): median {med:.2f}, 5-95% range {lo:.2f}-{hi:.2f}, "
+        f"min {rms.min():.3f}, max {rms.max():.2f}; {np.mean(rms < 0.4):.0%} of steps below "
+        f"0.4, {np.mean(rms > 1.4):.0%} above 1.4")
+  if not lines:
+    return []
+  return [f"Figure 1 (computed): RMS(U_t) of `{cfg.probe}` with warmup, after warmup (steps "
+          f"{end + 1}-{cfg.steps}), all seeds together:", ""] + lines
 
 
 def _final(results, name, warmup):
@@ -460,6 +491,14 @@ def plot_figure1(results, cfg, path):
   plt.close(fig)
 
 
+def write_report(out: pathlib.Path, table: str) -> None:
+  """Writes the table, keeping a hand-written reading already in the file."""
+  path = out / "paper_table2.md"
+  old = path.read_text() if path.exists() else ""
+  notes = old[old.index(NOTES_HEADING):] if NOTES_HEADING in old else ""
+  path.write_text(table + ("\n" + notes if notes else ""))
+
+
 def run(cfg: Config, progress: bool = True) -> dict:
   t0 = time.perf_counter()
   out = pathlib.Path(cfg.out)
@@ -482,13 +521,14 @@ def run(cfg: Config, progress: bool = True) -> dict:
     results[key] = train_row(name, warmup, cfg, graphdef, params0, train_batches, evaluate)
   wall = time.perf_counter() - t0
   table = markdown(results, cfg, info, wall, threshold)
-  (out / "paper_table2.md").write_text(table)
-  (out / "paper_table2.json").write_text(json.dumps(
+  (out / "paper_table2.md").write_text(table)  # a new run: no hand-written reading yet
+  (out / "paper_table2.json").write_text(json.dumps(train_lm.strict_json(
       {"config": dataclasses.asdict(cfg), "data": info, "wall_s": wall,
-       "unigram_loss": threshold, "results": results}))
+       "unigram_loss": threshold, "results": results}), allow_nan=False))
   plot_rows(results, cfg, out / "paper_table2.png")
   plot_figure1(results, cfg, out / "paper_table2_figure1.png")
-  return {"table": table, "results": results, "wall_s": wall, "threshold": threshold}
+  return {"table": table, "results": results, "wall_s": wall, "threshold": threshold,
+          "out": str(out)}
 
 
 QUICK = dict(steps=20, d_model=32, layers=1, n_heads=2, seq_len=32, batch=4, seeds=1,
@@ -510,7 +550,12 @@ def parse_args(argv=None) -> Config:
                  help="rebuild the .md and plots from --out's paper_table2.json")
   a = p.parse_args(argv)
   cfg = Config(**QUICK) if a.quick else Config()
-  cfg.out = a.out
+  if a.out is not None:
+    cfg.out = a.out
+  elif a.quick and not a.report_only:
+    cfg.out = tempfile.mkdtemp(prefix="paper_table2_quick_")
+  else:
+    cfg.out = str(RESULTS)
   for field, value in (("steps", a.steps), ("seeds", a.seeds), ("d_model", a.d_model),
                        ("step_scale", a.step_scale)):
     if value is not None:
@@ -529,16 +574,17 @@ def parse_args(argv=None) -> Config:
 
 def report(out: pathlib.Path) -> dict:
   """Rebuilds the table and plots from a saved run."""
-  saved = json.loads((out / "paper_table2.json").read_text())
+  saved = train_lm.from_json(json.loads((out / "paper_table2.json").read_text()))
   fields = {f.name for f in dataclasses.fields(Config)}
   cfg = Config(**{k: tuple(v) if k == "rows" else v
                   for k, v in saved["config"].items() if k in fields})
   cfg.out = str(out)
   table = markdown(saved["results"], cfg, saved["data"], saved["wall_s"], saved["unigram_loss"])
-  (out / "paper_table2.md").write_text(table)
+  write_report(out, table)
   plot_rows(saved["results"], cfg, out / "paper_table2.png")
   plot_figure1(saved["results"], cfg, out / "paper_table2_figure1.png")
-  return {"table": table, "results": saved["results"], "wall_s": saved["wall_s"]}
+  return {"table": table, "results": saved["results"], "wall_s": saved["wall_s"],
+          "out": str(out)}
 
 
 def main(argv=None) -> dict:

@@ -12,7 +12,8 @@ step times are given relative to.
 
 Usage:
   python benchmarks/step_time.py --sizes 10m,50m --dtypes float32,bfloat16
-  python benchmarks/step_time.py --smoke   # a few seconds, for CI
+  python benchmarks/step_time.py --smoke   # a few seconds, for CI; writes to a new temporary
+                                          # directory unless given --out
 """
 
 import argparse
@@ -20,6 +21,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -248,10 +250,16 @@ def parse_args(argv=None):
   parser.add_argument("--sizes", default="10m,50m", help=f"comma-separated, of {list(SIZES)}")
   parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16")
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                    "step_time_cpu.md"))
+  parser.add_argument("--out", help="the .md to write (its plot beside it); default: "
+                      "benchmarks/results/step_time_cpu.md, or a temporary directory for --smoke")
   parser.add_argument("--smoke", action="store_true", help="tiny tree, 2 repeats (CI)")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.out is None:
+    args.out = (os.path.join(tempfile.mkdtemp(prefix="step_time_smoke_"), "step_time.md")
+                if args.smoke else
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                             "step_time_cpu.md"))
+  return args
 
 
 def main(argv=None) -> list[dict]:
@@ -272,6 +280,7 @@ def main(argv=None) -> list[dict]:
     f.write(to_markdown(results, repeats, command.strip()))
     f.write(f"\n![step time / SGD]({os.path.basename(os.path.splitext(args.out)[0])}.png)\n")
   plot(results, os.path.splitext(args.out)[0] + ".png")
+  print(f"wrote {args.out}")
   return results
 
 

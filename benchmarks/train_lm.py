@@ -21,6 +21,7 @@ to ``--out``.
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import sys
@@ -228,8 +229,45 @@ def train_one(name: str, cfg: Config, train_batches, valid_batches, progress: bo
   return history
 
 
+def strict_json(value):
+  """`value` with every non-finite float as None: JSON that strict parsers accept."""
+  if isinstance(value, dict):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def from_json(value):
+  """The inverse of `strict_json` for number lists: None back to NaN."""
+  if isinstance(value, dict):
+    return {k: from_json(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return [math.nan if v is None else from_json(v) for v in value]
+  return value
+
+
+def command_line(cfg: Config) -> str:
+  """The command that reproduces `cfg`: the script with its non-default arguments."""
+  d, args = Config(), []
+  for flag, field in (("--steps", "steps"), ("--d-model", "d_model"), ("--layers", "layers"),
+                      ("--heads", "n_heads"), ("--seq-len", "seq_len"), ("--batch", "batch"),
+                      ("--seed", "seed"), ("--eval-every", "eval_every")):
+    if getattr(cfg, field) != getattr(d, field):
+      args += [flag, str(getattr(cfg, field))]
+  if tuple(cfg.optimizers) != tuple(d.optimizers):
+    args += ["--optimizers", ",".join(cfg.optimizers)]
+  if cfg.out != d.out:
+    args += ["--out", str(cfg.out)]
+  return " ".join(["python benchmarks/train_lm.py", *args])
+
+
 def markdown_table(summaries, cfg: Config, n_params: int, data_info: dict, wall_s: float) -> str:
   lines = [
+      f"Made by `{command_line(cfg)}`.",
+      "",
       "| optimizer | final train loss | validation loss | tokens/s | optimizer-state bytes "
       "| state / params |",
       "|---|---|---|---|---|---|",
@@ -296,9 +334,9 @@ def run(cfg: Config, progress: bool = True, max_bytes: int | None = None) -> dic
   wall = time.perf_counter() - t_start
   table = markdown_table([h["summary"] for h in histories], cfg, n_params, data_info, wall)
   (out / "results.md").write_text(table)
-  (out / "history.json").write_text(json.dumps(
+  (out / "history.json").write_text(json.dumps(strict_json(
       {"config": dataclasses.asdict(cfg), "data": data_info, "wall_s": wall,
-       "histories": histories}, indent=1))
+       "histories": histories}), indent=1, allow_nan=False))
   plot(histories, out / "loss.png")
   return {"table": table, "histories": histories, "wall_s": wall}
 

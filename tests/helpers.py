@@ -76,3 +76,23 @@ def load_benchmark(name):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def repository_snapshot():
+  """What a benchmark run must leave alone: `git status --porcelain` (None outside a git
+  checkout) and the modification time and size of every committed result file."""
+  import subprocess
+
+  try:
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
+                            cwd=ROOT, capture_output=True, text=True, check=True,
+                            timeout=60).stdout
+  except (OSError, subprocess.CalledProcessError):
+    status = None
+  results = ROOT / "benchmarks" / "results"
+  files = {str(p): (p.stat().st_mtime_ns, p.stat().st_size)
+           for p in sorted(results.rglob("*")) if p.is_file()}
+  return status, files

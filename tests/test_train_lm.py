@@ -1,11 +1,13 @@
 """The language-model benchmark runs end to end at a tiny size and writes its outputs."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import adafactor_optax as ao
@@ -35,12 +37,21 @@ def test_tiny_run_writes_table_and_plot(tmp_path):
     result = train_lm.run(cfg, progress=False, max_bytes=1 << 20)
 
   table = (tmp_path / "results.md").read_text()
-  assert table == result["table"]
-  assert "| adafactor |" in table and "| adam |" in table
+  # The file names the command that reproduces the run ...
+  command = table.splitlines()[0]
+  assert command.startswith("Made by `python benchmarks/train_lm.py --steps 6 --d-model 32 ")
+  assert train_lm.parse_args(re.fullmatch(r"Made by `(.*)`\.", command)[1].split()[2:]) == cfg
   assert (tmp_path / "loss.png").stat().st_size > 1000
-  history = json.loads((tmp_path / "history.json").read_text())
+  history = json.loads((tmp_path / "history.json").read_text(),
+                       parse_constant=lambda token: pytest.fail(f"non-JSON token {token}"))
   for h in history["histories"]:
     assert len(h["train_loss"]) == 6
+    # ... and its rows hold the recorded run's numbers: the mean of the last
+    # (up to 20) training losses, the last held-out loss, the state bytes.
+    n = h["summary"]["opt_state_bytes"]
+    row = (f"| {h['summary']['optimizer']} | {np.mean(h['train_loss'][-20:]):.4f} "
+           f"| {h['valid_loss'][-1]:.4f} |")
+    assert row in table and f"| {n:,} |" in table
     assert np.all(np.isfinite(h["train_loss"])) and np.all(np.isfinite(h["valid_loss"]))
     # Six steps from a uniform-ish start (log 256 = 5.55 nats) already lower the loss.
     assert h["train_loss"][-1] < h["train_loss"][0]
