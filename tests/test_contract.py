@@ -55,11 +55,17 @@ def test_update_accepts_extra_args(name):
 def test_second_call_does_not_recompile(name):
   tx = OPTIMIZERS[name]()
   params = small_tree()
-  update = jax.jit(tx.update)
+  traces = []
+
+  def counted_update(*args):  # Python side effects run once per trace
+    traces.append(1)
+    return tx.update(*args)
+
+  update = jax.jit(counted_update)
   state = tx.init(params)
   _, state = update(grads_like(params, 1), state, params)
   _, state = update(grads_like(params, 2), state, params)
-  assert update._cache_size() == 1
+  assert len(traces) == 1
 
 
 @names
@@ -91,7 +97,13 @@ def test_inject_hyperparams_under_jit_without_static_args(name):
   # A non-default integer min_dim_size_to_factor is traced inside a jitted init.
   jit_init = "min_dim_size_to_factor" not in kwargs
   state = jax.jit(injected.init)(params) if jit_init else injected.init(params)
-  update = jax.jit(injected.update)
+  traces = []
+
+  def counted_update(*args):  # Python side effects run once per trace
+    traces.append(1)
+    return injected.update(*args)
+
+  update = jax.jit(counted_update)
   u1, state = update(grads_like(params), state, params)
   u2, _ = plain.update(grads_like(params), plain.init(params), params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
@@ -100,7 +112,7 @@ def test_inject_hyperparams_under_jit_without_static_args(name):
   u3, _ = update(grads_like(params), state, params)
   if kwargs.get("weight_decay_rate") is None and kwargs.get("momentum") is None:
     assert all(float(jnp.max(jnp.abs(u))) == 0 for u in jax.tree.leaves(u3))
-  assert update._cache_size() == 1
+  assert len(traces) == 1
 
 
 def test_inject_hyperparams_traced_min_dim_is_a_clear_error():
@@ -183,13 +195,17 @@ def _minimise(tx, loss, x0, steps):
   return x, losses
 
 
-# Final loss bounds after the given steps; Rosenbrock starts at 24.2, the parabola at ~1e4.
+# Final loss bounds after the given steps: Rosenbrock's loss (starting at 24.2) and the
+# parabola's loss as a fraction of its start (~1e4). Each sits 1.4-10x above the loss
+# measured with jax 0.10.2 on CPU (Rosenbrock: 1.9e-2, 1.3e-11, 2.2e-2, 2.4e-2, 0.25;
+# parabola: 9.0e-14, 5.8e-9, 3.8e-7, 9.0e-14, 7.7e-6), so that wrong variants fail:
+# see test_convergence_bounds_reject_wrong_optimizers.
 CONVERGENCE = {
-    "paper_defaults": (5e-2, 1e-6),
-    "momentum": (1e-6, 1e-6),
-    "absolute_lr": (5e-2, 1e-6),
-    "unfactored_no_clip": (5e-2, 1e-6),
-    "adam_b2_weight_decay": (0.5, 1e-4),
+    "paper_defaults": (3e-2, 1e-12),
+    "momentum": (1e-9, 3e-8),
+    "absolute_lr": (3e-2, 1e-6),
+    "unfactored_no_clip": (3e-2, 1e-12),
+    "adam_b2_weight_decay": (0.35, 2e-5),
 }
 
 
@@ -204,7 +220,12 @@ def test_converges_on_rosenbrock(name):
 
 @names
 def test_converges_on_ill_conditioned_parabola(name):
-  """Curvatures over six decades, rows and columns of a factored matrix scaled apart."""
+  assert _parabola_ratio(OPTIMIZERS[name]()) < CONVERGENCE[name][1]
+
+
+def _parabola_ratio(tx):
+  """Final / initial loss on a parabola with curvatures over six decades, rows and
+  columns of a factored matrix scaled apart."""
   rng = np.random.default_rng(0)
   curv = jnp.asarray(np.outer(np.logspace(-3, 0, 32), np.logspace(0, 3, 24)), jnp.float32)
   target = jnp.asarray(rng.standard_normal((32, 24)), jnp.float32)
@@ -213,5 +234,14 @@ def test_converges_on_ill_conditioned_parabola(name):
     return jnp.sum(curv * (x["w"] - target) ** 2) / curv.size + jnp.sum((x["b"] - 3.0) ** 2)
 
   x0 = {"w": jnp.zeros((32, 24)), "b": jnp.zeros(5)}
-  _, losses = _minimise(OPTIMIZERS[name](), loss, x0, 3000)
-  assert float(losses[-1]) < CONVERGENCE[name][1] * float(losses[0]), (losses[0], losses[-1])
+  _, losses = _minimise(tx, loss, x0, 3000)
+  return float(losses[-1]) / float(losses[0])
+
+
+@pytest.mark.parametrize("wrong", ["sgd", "eps2"])
+def test_convergence_bounds_reject_wrong_optimizers(wrong):
+  """The parabola's bound for the paper's defaults fails plain SGD (6.6e-2 measured)
+  and a wrong eps2 = 0.1 (5.8e-10). Rosenbrock's final loss cannot tell these apart:
+  sgd(1e-3) ends lower there (3.8e-3) than Adafactor (1.9e-2)."""
+  tx = optax.sgd(1e-3) if wrong == "sgd" else ao.adafactor(eps2=0.1)
+  assert _parabola_ratio(tx) > CONVERGENCE["paper_defaults"][1]

@@ -166,6 +166,22 @@ def test_update_communicates_row_and_column_sizes_only(mesh_shape, mode):
   # (the embedding's rows), where moving a matrix would be L x d x d_ff floats.
   assert max(sizes, default=0) <= 4 * BIG["layers"] * BIG["vocab"], sorted(sizes)[-5:]
   assert sum(sizes) < 0.01 * param_bytes, (sum(sizes), param_bytes)
+  # And the parse found the traffic that must be there: on every mesh some matrix
+  # has its factored axis sharded, so at least one mean over d_model (or more)
+  # values crosses devices, besides the RMS scalars of clipping and the step size.
+  assert len(sizes) >= 2 and sum(sizes) >= 4 * BIG["d_model"], sizes
+
+
+def test_collective_parse_sees_a_known_all_reduce():
+  """The HLO parse above against a program whose one collective is known: the sum
+  over a sharded axis of a (64, 1024) float32 array all-reduces 1024 floats."""
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+  x = jax.ShapeDtypeStruct((64, 1024), jnp.float32,
+                           sharding=jax.sharding.NamedSharding(mesh, P("data", None)))
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(lambda x: jnp.sum(x, axis=0),
+                       out_shardings=jax.sharding.NamedSharding(mesh, P())).lower(x).compile()
+  assert collective_bytes(compiled.as_text()) == [4 * 1024]
 
 
 # Flax metadata: the helper takes what Flax's own partitioning utilities return.
