@@ -72,10 +72,19 @@ def _functional_train_step(graphdef, tx, x, y):
 def test_nnx_optimizer_several_steps(graph):
   x, y = _data()
   model = MLP(nnx.Rngs(0))
+  graphdef, params0 = nnx.split(model, nnx.Param)
+  # Computed before the optimizer runs (the split state shares Variables with the model).
+  expected = _direct_optax(params0, lambda p: _mse(nnx.merge(graphdef, p)(x), y), 3,
+                           ao.adafactor())
   optimizer = nnx.Optimizer(model, ao.adafactor(), wrt=nnx.Param, graph=graph)
   train_step = _nnx_train_step(x, y)
-  for _ in range(2):
+  for _ in range(3):
     train_step(model, optimizer)
+  assert int(optimizer.step[...]) == 3
+  # The later steps used the statistics written back by the earlier ones.
+  got = nnx.state(model, nnx.Param)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 
 def test_nnx_optimizer_first_step_equals_direct_optax():

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adafactor_optax as ao
+from tests import reference
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 shapes = st.lists(st.integers(0, 6), min_size=0, max_size=4).map(tuple)
@@ -41,7 +42,7 @@ def test_state_shapes_follow_the_factoring_rule(p):
   tx = ao.scale_by_factored_rms(min_dim_size_to_factor=p["min_dim"])
   shape = p["params"].shape
   nu = tx.init(p["params"]).nu
-  axes = ao.factored_axes(shape, p["min_dim"])
+  axes = reference.factored_axes(shape, p["min_dim"])  # the paper's rule, written apart
   if axes is None:
     assert nu.shape == shape
   else:
@@ -57,19 +58,23 @@ def test_no_nan_or_inf_for_finite_input_and_clipped_rms_at_most_d(p):
       min_dim_size_to_factor=p["min_dim"], clipping_threshold=p["d"], decay_rate=p["c"],
       momentum=0.9,
   )
-  clipped = optax.chain(
+  # The clipping adafactor() uses (inside scale_by_factored_rms) and the separate link.
+  fused = ao.scale_by_factored_rms(min_dim_size_to_factor=p["min_dim"], clipping_threshold=p["d"])
+  apart = optax.chain(
       ao.scale_by_factored_rms(min_dim_size_to_factor=p["min_dim"]), ao.clip_by_block_rms(p["d"])
   )
-  state, clip_state, params = tx.init(p["params"]), clipped.init(p["params"]), p["params"]
+  state, params = tx.init(p["params"]), p["params"]
+  clip_states = [c.init(params) for c in (fused, apart)]
   for g in p["grads"]:
     updates, state = tx.update(g, state, params)
-    u, clip_state = clipped.update(g, clip_state, params)
     assert bool(jnp.all(jnp.isfinite(updates))) and updates.dtype == params.dtype
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
-    if u.size:
-      rms = float(jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32)))))
-      tolerance = 1e-5 if u.dtype == jnp.float32 else 1e-2  # one rounding to bf16/f16
-      assert rms <= p["d"] * (1 + tolerance)
+    for i, clip in enumerate((fused, apart)):
+      u, clip_states[i] = clip.update(g, clip_states[i], params)
+      if u.size:
+        rms = float(jnp.sqrt(jnp.mean(jnp.square(u.astype(jnp.float32)))))
+        tolerance = 1e-5 if u.dtype == jnp.float32 else 1e-2  # one rounding to bf16/f16
+        assert rms <= p["d"] * (1 + tolerance)
     params = optax.apply_updates(params, updates)
 
 
@@ -91,7 +96,7 @@ def test_factored_estimate_is_exact_when_g_squared_is_rank_one(g, steps_before):
   """G^2 = a b^T gives V = G^2 exactly, on any step (the averages stay rank 1)."""
   tx = ao.scale_by_factored_rms(min_dim_size_to_factor=1, eps=0.0)
   params = jnp.zeros(g.shape)
-  assert ao.factored_axes(g.shape, 1) == (g.ndim - 2, g.ndim - 1)
+  assert reference.factored_axes(g.shape, 1) == (g.ndim - 2, g.ndim - 1)
   state = tx.init(params)
   for k in range(steps_before):  # earlier gradients with the same row and column profile
     _, state = tx.update(g * (k + 2), state, params)
