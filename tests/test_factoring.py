@@ -59,6 +59,11 @@ def test_last_two_axes_rule():
   assert last.v_row == (3, 200, 130, 1) and last.v_col == (3, 200, 1, 140)
   small = {"w": jax.ShapeDtypeStruct((500, 64), jnp.float32)}
   assert _state_shapes(ao.adafactor(factor_rule="last_two"), small)["w"] == (500, 64)
+  # Both of the last two axes must reach min_dim_size_to_factor, the second-last too.
+  wide = {"w": jax.ShapeDtypeStruct((64, 500), jnp.float32)}
+  assert _state_shapes(ao.adafactor(factor_rule="last_two"), wide)["w"] == (64, 500)
+  assert _state_shapes(ao.adafactor(factor_rule="last_two", min_dim_size_to_factor=64),
+                       wide)["w"] == ao.FactoredMoment((64, 1), (1, 500))
 
 
 def test_pytree_of_specs_and_unfactored_leaves():

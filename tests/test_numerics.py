@@ -170,3 +170,15 @@ def test_skip_non_finite_composes_with_apply_if_finite():
     updates, state = update(_poisoned(params, np.nan), state, params)
     assert finite(updates)  # ours still refuses it
   assert int(state.inner_state.skipped) >= 1
+
+
+def test_skip_non_finite_with_zero_size_leaves():
+  """A zero-size leaf has no elements to be non-finite: the check must not fail on it."""
+  params = {"empty": jnp.zeros((0, 300)), "w": jnp.ones((4, 4))}
+  tx = ao.adafactor(skip_non_finite=True)
+  state = tx.init(params)
+  updates, state = step(tx, jax.tree.map(jnp.ones_like, params), params, state)
+  assert updates["empty"].shape == (0, 300) and finite(updates) and int(state.skipped) == 0
+  bad = {"empty": params["empty"], "w": _poisoned(params["w"], np.nan)}
+  updates, state = step(tx, bad, params, state)
+  assert float(jnp.max(jnp.abs(updates["w"]))) == 0 and int(state.skipped) == 1

@@ -238,3 +238,43 @@ def test_ema_momentum_narrow_accumulator_steps_by_the_stored_value():
 def test_bad_hyperparameters_raise_at_build_time(factory, kwargs, name):
   with pytest.raises(ValueError, match=name):
     factory(**kwargs)
+
+
+# ---- the standalone transforms' own defaults (the alias always passes its own) ---------------
+
+
+def test_scale_by_factored_rms_default_eps_is_1e_30():
+  """Zero gradients on step 1 (b2_1 = 0): every statistic is exactly eps1 = 1e-30."""
+  tx = ao.scale_by_factored_rms(min_dim_size_to_factor=2)
+  params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  for leaf in jax.tree.leaves(state.nu):
+    np.testing.assert_array_equal(leaf, np.float32(1e-30))
+
+
+def test_relative_step_size_default_eps2_is_1e_3():
+  """A zero parameter moves by the eps2 floor: 1e-3 * rho_1 = 1e-5 per unit update."""
+  tx = ao.relative_step_size()
+  params = jnp.zeros(5)
+  u, _ = tx.update(jnp.ones(5), tx.init(params), params)
+  np.testing.assert_allclose(u, 1e-3 * 1e-2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("stats_dtype", ["bfloat16", "float16"])
+def test_stats_dtype_stores_the_statistics_in_it(stats_dtype):
+  """The statistics are kept in `stats_dtype` (computed in float32): after step 1 they
+  are the float32 means of G^2 (+ eps1) rounded once to it."""
+  g = jnp.asarray(_rng(4).standard_normal((160, 130)) * 3.0, jnp.float32)
+  params = {"w": jnp.ones((160, 130)), "b": jnp.ones(130)}
+  grads = {"w": g, "b": g[0]}
+  tx = ao.adafactor(stats_dtype=stats_dtype)
+  _, state = tx.update(grads, tx.init(params), params)
+  nu = optax.tree_utils.tree_get(state, "nu")
+  g64 = np.asarray(g, np.float64)
+  expected = {"v_row": np.mean(g64**2, axis=1, keepdims=True) + 1e-30,
+              "v_col": np.mean(g64**2, axis=0, keepdims=True) + 1e-30}
+  for name in ("v_row", "v_col"):
+    got = getattr(nu["w"], name)
+    assert got.dtype == jnp.dtype(stats_dtype)
+    np.testing.assert_array_equal(got, expected[name].astype(np.float32).astype(stats_dtype))
+  assert nu["b"].dtype == jnp.dtype(stats_dtype)
