@@ -20,7 +20,6 @@ from adafactor_optax import (
 
 def adafactor(
     learning_rate: optax.ScalarOrSchedule | None = None,
-    *,
     min_dim_size_to_factor: int | None = None,
     decay_rate: jax.typing.ArrayLike = 0.8,
     decay_offset: jax.typing.ArrayLike = 0,
@@ -32,6 +31,7 @@ def adafactor(
     eps: jax.typing.ArrayLike = 1e-30,
     factored: bool = True,
     weight_decay_mask: Any = None,
+    *,
     eps2: jax.typing.ArrayLike = 1e-3,
     max_relative_step: jax.typing.ArrayLike = 1e-2,
     decay_schedule: Any = None,
@@ -42,8 +42,8 @@ def adafactor(
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor (Shazeer & Stern, 2018), exactly the paper's algorithm by default.
 
-  With no arguments this is Algorithm 4 (matrices) and 5 (the rest)
-  with Algorithm 6's hyperparameters::
+  With no arguments this is the paper's Algorithm 4 (matrices) and 5 (the
+  rest) with Algorithm 6's hyperparameters (arXiv:1804.04235)::
 
     alpha_t = max(eps2, RMS(X_{t-1})) * min(1e-2, 1/sqrt(t))   # relative step
     b2_t    = 1 - t^-0.8
@@ -57,7 +57,8 @@ def adafactor(
   separate `clip_by_block_rms` link after it, in two fewer passes over
   parameter-sized memory.
 
-  It takes `optax.adafactor`'s arguments with the same meanings, and with an
+  It takes `optax.adafactor`'s arguments with the same meanings, in the same
+  positional order (the arguments after them are keyword-only), and with an
   explicit `learning_rate` its updates equal `optax.adafactor`'s. The one
   intended difference: ``learning_rate=None`` means the paper's relative step
   rho_t = min(max_relative_step, 1/sqrt(t)), where `optax.adafactor` applies no
@@ -134,6 +135,12 @@ def adafactor(
     _numerics.check("learning_rate", learning_rate, lambda s: s >= 0, ">= 0")
   if weight_decay_rate is not None and not callable(weight_decay_rate):
     _numerics.check("weight_decay_rate", weight_decay_rate, lambda w: w >= 0, ">= 0")
+  if momentum is not None:
+    _numerics.check("momentum", momentum, lambda b: 0 <= b < 1, "in [0, 1)")
+  if clipping_threshold is not None:
+    _numerics.check("clipping_threshold", clipping_threshold, lambda d: d > 0, "> 0")
+  if learning_rate is None:
+    _numerics.check("max_relative_step", max_relative_step, lambda s: s > 0, "> 0")
   if decay_schedule is None:
     _numerics.check("decay_rate", decay_rate, lambda c: c > 0, "> 0")
     decay_schedule = _schedules.increasing_decay(decay_rate, decay_offset)

@@ -43,7 +43,7 @@ def clip_by_block_rms(
     >>> float(u["w"][0, 0])
     1.0
   """
-  _numerics.check("clipping_threshold", threshold, lambda d: d > 0, "> 0")
+  _numerics.check("threshold", threshold, lambda d: d > 0, "> 0")
 
   def clip(u, batch_axes):
     return clip_to_rms(u, _numerics.block_rms(u, batch_axes), threshold)

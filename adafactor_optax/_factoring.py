@@ -179,20 +179,33 @@ def block_axes_rule(factor_rule: Any, *, factored: bool = True) -> Callable | No
   return batch_axes_rule(resolve(factor_rule))
 
 
-def factoring_report(params: optax.Params, tx: optax.GradientTransformation, rule: Rule | None = None) -> str:
+def factoring_report(
+    params: optax.Params, tx: optax.GradientTransformation, rule: Any = None
+) -> str:
   """A markdown table: which axes each parameter factors, and state bytes vs Adam.
+
+  The factoring shown is the one `tx` makes: it is read from the shapes of
+  `tx`'s state (`jax.eval_shape` of ``tx.init``), where `scale_by_factored_rms`
+  records it, so ``adafactor(min_dim_size_to_factor=32)`` is reported as it
+  factors.
 
   Args:
     params: the parameters (arrays or `jax.ShapeDtypeStruct`s; nothing is
       allocated).
-    tx: the optimizer, e.g. ``adafactor(...)``; its state is sized with
-      `jax.eval_shape`.
-    rule: the factoring rule `tx` was built with (default: `largest_two_axes`).
-      State bytes per parameter are those of its second-moment statistics;
-      the total counts the whole state (momentum included).
+    tx: the optimizer, e.g. ``adafactor(...)``.
+    rule: optional, the `factor_rule` `tx` was built with: adds each
+      parameter's batch axes (the blocks of clipping and the parameter scale),
+      which the state does not record. A rule that factors other axes than
+      `tx`'s state raises a ValueError.
 
   Returns:
-    The table, one row per parameter and a total, ready to print or log.
+    The table, one row per parameter and a total, ready to print or log. State
+    bytes per parameter are those of its second-moment statistics; the total
+    counts the whole state (momentum included).
+
+  Raises:
+    ValueError: when `tx`'s state holds no second-moment statistics, or `rule`
+      disagrees with it.
 
   Example:
     >>> import jax, jax.numpy as jnp, adafactor_optax as ao
@@ -200,24 +213,54 @@ def factoring_report(params: optax.Params, tx: optax.GradientTransformation, rul
     >>> print(ao.factoring_report(params, ao.adafactor()).splitlines()[2])
     | ['w'] | (1024, 512) | rows 0, cols 1 | 6,144 | 4,194,304 |
   """
-  rule = resolve(rule)
   state = jax.eval_shape(tx.init, params)
+  nu_tree = optax.tree_utils.tree_get(state, "nu")
+  if nu_tree is None:
+    raise ValueError("factoring_report: tx's state holds no second-moment statistics (nu).")
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  moments = treedef.flatten_up_to(optax.tree_utils.tree_get(state, "nu"))
+  moments = treedef.flatten_up_to(nu_tree)
+  resolved = None if rule is None else resolve(rule)
   lines = ["| parameter | shape | factored | state bytes | Adam bytes |", "|---|---|---|---|---|"]
   for (path, p), nu in zip(leaves, moments):
-    spec = rule(path, p.shape)
-    how = "no" if spec is None else f"rows {spec.row}, cols {spec.col}"
-    if spec is not None and spec.batch:
-      how += f", batch {spec.batch}"
-    if spec is not None and spec.estimate != "factored":
-      how += f", {spec.estimate} only"
-    lines.append(
-        f"| {jax.tree_util.keystr(path)} | {tuple(p.shape)} | {how} | {_nbytes(nu):,} "
-        f"| {2 * _nbytes(p):,} |"
-    )
+    shape, where = tuple(p.shape), jax.tree_util.keystr(path)
+    how, axes = _how_factored(shape, nu)
+    if resolved is not None:
+      spec = resolved(path, shape)
+      expected = None if spec is None else _spec_axes(spec)
+      if expected != axes and axes != ("factored",):
+        raise ValueError(f"factoring_report: the rule for {where} gives {spec}, but tx's "
+                         f"state factors it as: {how}. Pass the rule tx was built with.")
+      if spec is not None and spec.batch:
+        how += f", batch {spec.batch}"
+    lines.append(f"| {where} | {shape} | {how} | {_nbytes(nu):,} | {2 * _nbytes(p):,} |")
   lines.append(f"| total (whole state) | | | {_nbytes(state):,} | {2 * _nbytes(params):,} |")
   return "\n".join(lines)
+
+
+def _how_factored(shape: tuple[int, ...], nu: Any) -> tuple[str, Any]:
+  """How a parameter's statistics `nu` (shapes only) factor it, read from their shapes.
+
+  Returns:
+    A description and the axes it compares against a rule's spec: ``(row, col)``
+    for a factored moment, ``("means over", axes)`` for a row- or column-only
+    estimate, None for a whole second moment.
+  """
+  if hasattr(nu, "v_row") and hasattr(nu, "v_col"):  # a FactoredMoment
+    row = [a for a, (r, c) in enumerate(zip(nu.v_row.shape, nu.v_col.shape)) if c == 1 != r]
+    col = [a for a, (r, c) in enumerate(zip(nu.v_row.shape, nu.v_col.shape)) if r == 1 != c]
+    if len(row) == 1 and len(col) == 1:
+      return f"rows {row[0]}, cols {col[0]}", (row[0], col[0])
+    return "rows and columns (size-1 axes)", ("factored",)
+  if tuple(nu.shape) == shape:
+    return "no", None
+  over = tuple(a for a, (n, m) in enumerate(zip(shape, nu.shape)) if n != m)
+  return f"means over axis {', '.join(map(str, over))} only", ("means over", over)
+
+
+def _spec_axes(spec: FactorSpec) -> Any:
+  if spec.estimate == "factored":
+    return spec.row, spec.col
+  return "means over", (spec.col,) if spec.estimate == "row" else (spec.row,)
 
 
 def _nbytes(tree: Any) -> int:

@@ -36,7 +36,7 @@ def ema_momentum(
   Returns:
     An `optax.GradientTransformation`.
   """
-  _numerics.check("momentum", decay, lambda b: 0 <= b < 1, "in [0, 1)")
+  _numerics.check("decay", decay, lambda b: 0 <= b < 1, "in [0, 1)")
 
   def storage_dtype(x):
     if accumulator_dtype is None:

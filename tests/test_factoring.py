@@ -127,3 +127,27 @@ def test_factoring_report():
   # 12 layers x (512 + 2048) float32 statistics; Adam: 2 bf16 values per parameter.
   assert "| ['stack'] | (12, 512, 2048) | rows 1, cols 2, batch (0,) | 122,880 | 50,331,648 |" in lines
   assert lines[-1].startswith("| total (whole state) |")
+
+
+def test_factoring_report_reads_the_decision_from_tx():
+  """min_dim_size_to_factor=32 factors a 64 x 40 matrix: the report says so (its state
+  is 64 + 40 floats), with no rule passed."""
+  params = {"w": jax.ShapeDtypeStruct((64, 40), jnp.float32),
+            "v": jax.ShapeDtypeStruct((64, 16), jnp.float32)}
+  lines = ao.factoring_report(params, ao.adafactor(min_dim_size_to_factor=32)).splitlines()
+  assert "| ['w'] | (64, 40) | rows 0, cols 1 | 416 | 20,480 |" in lines
+  assert "| ['v'] | (64, 16) | no | 4,096 | 8,192 |" in lines
+  # "last_two" and the per-spec estimates, read the same way.
+  lines = ao.factoring_report({"w": jax.ShapeDtypeStruct((3, 200, 130), jnp.float32)},
+                              ao.adafactor(factor_rule="last_two")).splitlines()
+  assert "| ['w'] | (3, 200, 130) | rows 1, cols 2 |" in lines[2]
+  row_only = lambda path, shape: ao.FactorSpec(0, 1, estimate="row")
+  lines = ao.factoring_report({"w": jax.ShapeDtypeStruct((7, 9), jnp.float32)},
+                              ao.adafactor(factor_rule=row_only), row_only).splitlines()
+  assert "| ['w'] | (7, 9) | means over axis 1 only | 28 |" in lines[2]
+
+
+def test_factoring_report_rejects_a_rule_tx_does_not_use():
+  params = {"w": jax.ShapeDtypeStruct((64, 40), jnp.float32)}
+  with pytest.raises(ValueError, match=r"\['w'\]"):
+    ao.factoring_report(params, ao.adafactor(), lambda path, shape: ao.FactorSpec(0, 1))

@@ -5,6 +5,8 @@ update must agree to float32 round-off (a few ulps of the largest entry, after
 clipping and scaling have been applied in a different order of operations).
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,3 +71,21 @@ def test_default_learning_rate_is_the_papers_relative_step_not_optaxs_none():
   ratio = np.asarray(ours["w"]) / np.asarray(theirs["w"])
   np.testing.assert_allclose(ratio, 1e-2, rtol=1e-5)  # rho_1 = min(1e-2, 1/sqrt(1))
   assert 0.019 < float(jnp.sqrt(jnp.mean(ours["w"] ** 2))) <= 0.0200001  # RMS(X) rho_1 d
+
+
+def test_positional_arguments_in_optaxs_order():
+  """A positional call copied from optax.adafactor means the same here."""
+  theirs = list(inspect.signature(optax.adafactor).parameters)
+  ours = [name for name, p in inspect.signature(ao.adafactor).parameters.items()
+          if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
+  assert ours == theirs
+  # Every positional slot given a non-default value, then compared step by step.
+  mask = {k: k != "b" for k in helpers.SHAPES}
+  args = (1e-2, 32, 0.5, 0, True, 2.0, 0.9, jnp.float32, 1e-3, 1e-20, True, mask)
+  params = helpers.make_params()
+  grads = helpers.stack(helpers.make_grads(4))
+  _, _, (_, ours_u) = helpers.run_scan(ao.adafactor(*args), params, grads)
+  with jax.numpy_dtype_promotion("standard"):
+    _, _, (_, theirs_u) = helpers.run_scan(optax.adafactor(*args), params, grads)
+  for k in params:
+    assert helpers.rel_err(ours_u[k], theirs_u[k]) < 1e-5, k
