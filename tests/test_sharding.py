@@ -57,6 +57,9 @@ def test_init_state_follows_params(mesh_shape, mode):
   expected = ao.state_shardings(optimizer(), params)
   assert_placed_like(jitted, expected)
   assert_placed_like(eager, expected)
+  # Placed, and zero: statistics, momentum and counts all start at 0.
+  for leaf in jax.tree.leaves((jitted, eager)):
+    assert not np.any(np.asarray(leaf)), leaf.shape
 
 
 def test_state_specs_by_kind_of_leaf():
@@ -70,6 +73,15 @@ def test_state_specs_by_kind_of_leaf():
   assert ema["mlp_in"] == P(None, "data", "model")
   assert nu["mlp_in_bias"] == P(None, "model")  # unfactored: the parameter's spec
   assert specs[0].count == P()
+
+
+def test_state_specs_none_means_replicated():
+  """A None among the parameter specs (documented: replicated) is one parameter's spec."""
+  params = {"w": jax.ShapeDtypeStruct((512, 256), jnp.float32),
+            "b": jax.ShapeDtypeStruct((256,), jnp.float32)}
+  specs = ao.state_partition_specs(optimizer(), params, {"w": P("data", "model"), "b": None})
+  assert specs[0].nu == {"w": ao.FactoredMoment(P("data", None), P(None, "model")), "b": P(None)}
+  assert optax.tree_utils.tree_get(specs, "ema") == {"w": P("data", "model"), "b": P(None)}
 
 
 def test_optax_adafactor_state_is_replicated_in_auto_mode():

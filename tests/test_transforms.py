@@ -231,6 +231,8 @@ def test_ema_momentum_narrow_accumulator_steps_by_the_stored_value():
         (ao.scale_by_factored_rms, dict(clipping_threshold=0.0), "clipping_threshold"),
         (ao.adafactor, dict(momentum=1.5), "momentum"),
         (ao.adafactor, dict(clipping_threshold=0.0), "clipping_threshold"),
+        # diagnostics=True clips in a separate clip_by_block_rms link (its argument: threshold)
+        (ao.adafactor, dict(clipping_threshold=0.0, diagnostics=True), "clipping_threshold"),
         (ao.adafactor, dict(max_relative_step=0.0), "max_relative_step"),
         (ao.adafactor, dict(eps2=-1.0), "eps2"),
         (ao.adafactor, dict(decay_rate=-0.8), "decay_rate"),
@@ -267,6 +269,13 @@ def test_relative_step_size_default_eps2_is_1e_3():
   params = jnp.zeros(5)
   u, _ = tx.update(jnp.ones(5), tx.init(params), params)
   np.testing.assert_allclose(u, 1e-3 * 1e-2, rtol=1e-6)
+
+
+def test_min_dim_size_to_factor_one_is_valid():
+  """1 is the smallest valid value (HF's setting): every matrix is factored."""
+  tx = ao.scale_by_factored_rms(min_dim_size_to_factor=1)
+  nu = tx.init({"w": jnp.zeros((3, 2))}).nu
+  assert (nu["w"].v_row.shape, nu["w"].v_col.shape) == ((3, 1), (1, 2))
 
 
 @pytest.mark.parametrize("stats_dtype", ["bfloat16", "float16"])

@@ -14,6 +14,7 @@ mutant is *killed* when they fail, *survives* when they pass. Two sets of mutant
   python tools/mutation.py                    # named + sample, writes tools/mutation_results.md
   python tools/mutation.py --list             # print the mutants only
   python tools/mutation.py --only named       # just the named ones
+  python tools/mutation.py --ids 14,20 --out /tmp/rerun.md   # rerun some, by number
 
 The triage of the survivors (a new test, or why the mutant is equivalent) is written by
 hand in tools/mutation_report.md.
@@ -192,7 +193,8 @@ def run_one(module, text, timeout):
     except subprocess.TimeoutExpired:
       return "timeout", time.time() - t0, ""
     last = (r.stdout.strip().splitlines() or [""])[-1]
-    failed = [line.split(" ")[1] for line in r.stdout.splitlines() if line.startswith("FAILED")]
+    failed = [line.removeprefix("FAILED ").split(" - ")[0] for line in r.stdout.splitlines()
+              if line.startswith("FAILED")]
     return ("survived" if r.returncode == 0 else "killed"), time.time() - t0, (
         failed[0] if failed else last)
 
@@ -202,19 +204,23 @@ def main(argv=None):
   p.add_argument("--only", choices=("all", "named", "sample"), default="all")
   p.add_argument("--stride", type=int, default=12, help="every n-th generated mutant")
   p.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+  p.add_argument("--ids", help="comma-separated mutant numbers to run (as --list numbers them)")
   p.add_argument("--list", action="store_true")
   p.add_argument("--out", default=str(ROOT / "tools" / "mutation_results.md"))
   a = p.parse_args(argv)
-  found = mutants(a.only, a.stride)
+  found = list(enumerate(mutants(a.only, a.stride), 1))
   if a.list:
-    for kind, module, what, _ in found:
-      print(f"{kind:6s} {module:16s} {what}")
+    for i, (kind, module, what, _) in found:
+      print(f"{i:3d} {kind:6s} {module:16s} {what}")
     return
+  if a.ids:
+    ids = {int(i) for i in a.ids.split(",")}
+    found = [(i, m) for i, m in found if i in ids]
   command = " ".join(["python tools/mutation.py", *(sys.argv[1:] if argv is None else argv)])
   lines = [f"Made by `{command}`.", "",
            "| # | kind | module | mutant | tests run | result | first failing test | s |",
            "|---|---|---|---|---|---|---|---|"]
-  for i, (kind, module, what, text) in enumerate(found, 1):
+  for i, (kind, module, what, text) in found:
     result, seconds, detail = run_one(module, text, a.timeout)
     tests = ", ".join(t.removeprefix("tests/") for t in TESTS[module])
     lines.append(f"| {i} | {kind} | {module} | {what} | {tests} | **{result}** | "
