@@ -100,7 +100,8 @@ def adafactor(
       (parameters and state unchanged) and count them (`skip_non_finite`).
     diagnostics: record RMS(U_t), the clipped fraction, b2_t, rho_t and
       alpha_t in the state (`record_diagnostics`; read them with
-      `get_diagnostics(state)`). Off: no cost at all.
+      `get_diagnostics(state)`), per block of a rule's batch axes. Off: no
+      cost at all.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.

@@ -82,14 +82,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def repository_snapshot():
-  """What a benchmark run must leave alone: `git status --porcelain` (None outside a git
-  checkout) and the modification time and size of every committed result file."""
+  """What a benchmark run must leave alone: `git status --porcelain` of `benchmarks/` (None
+  outside a git checkout) and the modification time and size of every committed result
+  file. Only `benchmarks/`, so that editing other files while the tests run is no failure."""
   import subprocess
 
   try:
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"],
-                            cwd=ROOT, capture_output=True, text=True, check=True,
-                            timeout=60).stdout
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all", "--", "benchmarks"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60).stdout
   except (OSError, subprocess.CalledProcessError):
     status = None
   results = ROOT / "benchmarks" / "results"
