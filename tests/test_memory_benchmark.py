@@ -1,5 +1,9 @@
 """`benchmarks/memory.py --smoke`: the memory table's numbers follow from the state's shapes."""
 
+import pathlib
+import shutil
+import tempfile
+
 import pytest
 
 from tests import helpers
@@ -36,9 +40,14 @@ def test_smoke_run_writes_table_and_plot(memory, tmp_path):
 
 
 def test_smoke_run_writes_elsewhere_by_default(memory):
-  before = helpers.repository_snapshot()
+  tmp = pathlib.Path(tempfile.gettempdir())
+  before, dirs = helpers.repository_snapshot(), set(tmp.glob("memory_smoke_*"))
   memory.main(["--smoke"])
   assert helpers.repository_snapshot() == before
+  new = set(tmp.glob("memory_smoke_*")) - dirs
+  assert any((d / "memory.md").is_file() for d in new)
+  for d in new:
+    shutil.rmtree(d)
 
 
 def test_t5_xxl_and_70b_shapes_have_their_published_sizes(memory):
