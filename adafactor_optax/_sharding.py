@@ -31,7 +31,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 
-def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.Array:
+def zeros_like_param(
+    param: jax.Array | jax.ShapeDtypeStruct, shape: Sequence[int], dtype: Any
+) -> jax.Array:
   """Zeros of `shape` in `dtype`, placed like `param` with its size-1 axes replicated.
 
   `shape` is the parameter's shape, possibly with some axes set to 1. The
@@ -41,8 +43,13 @@ def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.
   parameter's sharding; ``jnp.zeros(shape)`` has none, and comes out
   replicated. The reduced axes are reduced with `max`, which replicates them.
 
+  A `jax.ShapeDtypeStruct` parameter (an abstract parameter, as optax's own
+  transforms accept in `init`) has no values to select from: its zeros are
+  built directly, placed by its ``.sharding`` when it has one on a concrete
+  mesh (`reduced_sharding`), else on the default device, as optax does.
+
   Args:
-    param: the parameter (array or tracer).
+    param: the parameter (array, tracer or `jax.ShapeDtypeStruct`).
     shape: the state array's shape, ``param.shape`` with some axes set to 1.
     dtype: the state array's dtype.
 
@@ -50,8 +57,11 @@ def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.
     An array of zeros of `shape` and `dtype`.
   """
   shape = tuple(shape)
-  if len(shape) != param.ndim or any(s not in (1, n) for s, n in zip(shape, param.shape)):
+  if _spec_for(shape, tuple(param.shape), PartitionSpec()) is None:
     raise ValueError(f"shape {shape} is not {param.shape} with some axes set to 1")
+  if isinstance(param, jax.ShapeDtypeStruct):
+    sharding = reduced_sharding(param.sharding, tuple(param.shape), shape)
+    return jnp.zeros(shape, dtype, device=sharding)
   # Not jnp.zeros_like: in Auto mode it pins the zeros to the (unknown, hence
   # replicated) sharding of the parameter's type instead of leaving it to propagation.
   # abs: complex parameters have real statistics. The reduction comes before the
@@ -79,6 +89,30 @@ def _spec_for(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], spec: A
   return PartitionSpec(
       *(e if s == n else None for e, s, n in zip(entries, leaf_shape, param_shape))
   )
+
+
+def reduced_sharding(
+    sharding: jax.sharding.Sharding | None, param_shape: tuple[int, ...], shape: tuple[int, ...]
+) -> jax.sharding.Sharding | None:
+  """Where to place a state array of `shape` whose parameter has `sharding`.
+
+  A `NamedSharding` on a concrete mesh keeps the parameter's mesh axes on the
+  axes `shape` keeps, and replicates the axes reduced to 1 (`_spec_for`).
+  Any other sharding is kept for an array of the parameter's own shape.
+
+  Returns:
+    The sharding, or None (the default device) when there is none to follow:
+    no sharding, a sharding on an `AbstractMesh` (nothing to place on), or one
+    that cannot describe the reduced shape.
+  """
+  if isinstance(sharding, NamedSharding):
+    if not isinstance(sharding.mesh, jax.sharding.Mesh):
+      return None
+    spec = _spec_for(shape, param_shape, sharding.spec)
+    return NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+  if sharding is not None and shape == param_shape:
+    return sharding
+  return None
 
 
 def _is_spec(x: Any) -> bool:
