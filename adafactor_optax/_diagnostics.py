@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics, _step_size
+from adafactor_optax import _numerics, _shapes, _step_size
 
 DIAGNOSTIC_NAMES = (
     "update_rms", "update_rms_global", "clipped_fraction", "b2", "rho", "alpha")
@@ -111,6 +111,9 @@ def record_diagnostics(
   def update_fn(updates, state, params=None):
     if eps2 is not None and params is None:
       raise ValueError("record_diagnostics needs params: call update(updates, state, params).")
+    if eps2 is not None:
+      _shapes.check_shapes("record_diagnostics", "parameter", params,
+                           jax.tree.map(jnp.shape, updates), "its update")
     count = state.diagnostics_count
     rho = _at(step_size, count)
     rms = jax.tree.map(lambda u: _numerics.block_rms(u).astype(jnp.float32), updates)
@@ -152,7 +155,7 @@ def get_diagnostics(opt_state: optax.OptState) -> dict[str, Any]:
       ``opt_state``, `optax.MultiSteps`, ...).
 
   Returns:
-    A dict ``{name: value}`` for the names in `DIAGNOSTIC_NAMES`.
+    A dict ``{name: value}`` for the names in ``DIAGNOSTIC_NAMES``.
 
   Raises:
     KeyError: when the state holds no diagnostics.

@@ -71,7 +71,7 @@ def zeros_like_param(
   source = jnp.abs(jnp.asarray(param))
   axes = tuple(i for i, (s, n) in enumerate(zip(shape, param.shape)) if s != n)
   if axes:
-    source = jnp.max(source, axis=axes, keepdims=True)
+    source = jnp.max(source, axis=axes, keepdims=True, initial=0)  # zero-size axes too
   return jnp.where(False, source, 0).astype(dtype)
 
 
@@ -151,8 +151,8 @@ def state_partition_specs(
 
   Args:
     tx: the optimizer.
-    params: the parameters: arrays or `jax.ShapeDtypeStruct`s.
-    param_specs: a tree with `params`' structure of mesh-axis `PartitionSpec`s
+    params: the parameters: arrays or `jax.ShapeDtypeStruct` leaves.
+    param_specs: a tree with `params`' structure of mesh-axis `PartitionSpec` leaves
       (None means replicated), e.g. ``flax.linen.get_partition_spec(...)`` or
       ``flax.nnx.get_partition_spec(...)`` translated to mesh axes with
       ``flax.linen.logical_to_mesh_axes(spec, rules)``.
@@ -207,11 +207,11 @@ def state_shardings(
 
   Args:
     tx: the optimizer.
-    params: the parameters: arrays or `jax.ShapeDtypeStruct`s.
-    param_shardings: a tree like `params` of `NamedSharding`s, or of
-      `PartitionSpec`s together with `mesh`. Default: each parameter's own
+    params: the parameters: arrays or `jax.ShapeDtypeStruct` leaves.
+    param_shardings: a tree like `params` of `NamedSharding` leaves, or of
+      `PartitionSpec` leaves together with `mesh`. Default: each parameter's own
       ``.sharding`` (sharded arrays, or shape structs with a sharding).
-    mesh: the mesh for `PartitionSpec`s; default, the mesh of the first
+    mesh: the mesh for `PartitionSpec` leaves; default, the mesh of the first
       `NamedSharding` in `param_shardings`.
 
   Returns:
