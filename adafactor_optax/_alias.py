@@ -86,7 +86,7 @@ def adafactor(
     max_relative_step: the cap of the default rho_t (used when
       `learning_rate` is None).
     decay_schedule: a schedule ``count -> b2_t`` replacing `decay_rate` and
-      `decay_offset`, e.g. `bias_corrected_decay(0.999)`.
+      `decay_offset`, e.g. ``bias_corrected_decay(0.999)``.
     stats_dtype: dtype of the second-moment statistics (default float32, or
       float64 for float64 parameters).
     factor_rule: which axes each parameter factors: None or "largest" (the
@@ -99,13 +99,13 @@ def adafactor(
       (parameters and state unchanged) and count them (`skip_non_finite`).
     diagnostics: record RMS(U_t), the clipped fraction, b2_t, rho_t and
       alpha_t in the state (`record_diagnostics`; read them with
-      `get_diagnostics(state)`). Off: no cost at all.
+      ``get_diagnostics(state)``). Off: no cost at all.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, or `learning_rate=None`
+    ValueError: for a hyperparameter out of its range, or ``learning_rate=None``
       together with ``multiply_by_parameter_scale=False`` (no step size).
 
   Example:

@@ -125,7 +125,7 @@ def resolve(
   Args:
     factor_rule: None or "largest" (`largest_two_axes`), "last_two"
       (`last_two_axes`), a callable ``(path, shape) -> FactorSpec | None``, or a
-      pytree with the parameters' structure whose leaves are `FactorSpec`s or
+      pytree with the parameters' structure whose leaves are `FactorSpec` objects or
       None.
     factored: False: nothing is factored, whatever the rule.
     min_dim_size_to_factor: for the named rules.
@@ -183,7 +183,7 @@ def factoring_report(params: optax.Params, tx: optax.GradientTransformation, rul
   """A markdown table: which axes each parameter factors, and state bytes vs Adam.
 
   Args:
-    params: the parameters (arrays or `jax.ShapeDtypeStruct`s; nothing is
+    params: the parameters (arrays or `jax.ShapeDtypeStruct` leaves; nothing is
       allocated).
     tx: the optimizer, e.g. ``adafactor(...)``; its state is sized with
       `jax.eval_shape`.
