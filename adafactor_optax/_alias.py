@@ -155,7 +155,7 @@ def adafactor(
           clipping_threshold=None if clip_apart else clipping_threshold,
       )
   ]
-  if clip_apart:
+  if clip_apart and clipping_threshold is not None:  # the second test is for mypy
     tx.append(_clipping.clip_by_block_rms(clipping_threshold, batch_axes=batch_axes))
   if multiply_by_parameter_scale:
     if learning_rate is None:

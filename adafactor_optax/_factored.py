@@ -45,7 +45,7 @@ class ScaleByFactoredRmsState(NamedTuple):
       of the parameter's shape for one that is not.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   nu: optax.Updates
 
 
@@ -64,7 +64,7 @@ def _moving_average(previous: jax.Array, value: jax.Array, b2: jax.Array) -> jax
   return (b2 * previous.astype(value.dtype) + (1 - b2) * value).astype(previous.dtype)
 
 
-def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.Array) -> Any:
+def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.typing.ArrayLike) -> Any:
   """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t).
 
   A factored parameter's row and column means are taken of ``G^2`` and eps1 is

@@ -203,7 +203,8 @@ def factoring_report(params: optax.Params, tx: optax.GradientTransformation, rul
   rule = resolve(rule)
   state = jax.eval_shape(tx.init, params)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  moments = treedef.flatten_up_to(optax.tree_utils.tree_get(state, "nu"))
+  state_nu = optax.tree_utils.tree_get(state, "nu")
+  moments = treedef.flatten_up_to(state_nu)  # type: ignore[attr-defined]  # (no stub)
   lines = ["| parameter | shape | factored | state bytes | Adam bytes |", "|---|---|---|---|---|"]
   for (path, p), nu in zip(leaves, moments):
     spec = rule(path, p.shape)

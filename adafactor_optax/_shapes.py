@@ -47,7 +47,7 @@ def check_shapes(
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   try:
-    patterns = treedef.flatten_up_to(expected)
+    patterns = treedef.flatten_up_to(expected)  # type: ignore[attr-defined]  # no stub
   except (ValueError, TypeError) as error:
     raise ValueError(
         f"{transform}: the {what}s' tree structure differs from that of {reference}s.\n"

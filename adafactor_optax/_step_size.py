@@ -11,7 +11,7 @@ from adafactor_optax import _numerics, _schedules, _shapes
 class RelativeStepSizeState(NamedTuple):
   """State of `relative_step_size`: the number of updates so far."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
 
 
 def parameter_scale(
