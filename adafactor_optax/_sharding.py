@@ -57,7 +57,7 @@ def zeros_like_param(
     An array of zeros of `shape` and `dtype`.
   """
   shape = tuple(shape)
-  if _spec_for(shape, tuple(param.shape), PartitionSpec()) is None:
+  if not _is_reduced(shape, tuple(param.shape)):
     raise ValueError(f"shape {shape} is not {param.shape} with some axes set to 1")
   if isinstance(param, jax.ShapeDtypeStruct):
     sharding = reduced_sharding(param.sharding, tuple(param.shape), shape)
@@ -75,15 +75,19 @@ def zeros_like_param(
   return jnp.where(False, source, 0).astype(dtype)
 
 
+def _is_reduced(shape: tuple[int, ...], param_shape: tuple[int, ...]) -> bool:
+  """Whether `shape` is `param_shape` with some axes (or none) set to 1."""
+  return len(shape) == len(param_shape) and all(
+      s in (1, n) for s, n in zip(shape, param_shape))
+
+
 def _spec_for(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], spec: Any):
   """The spec of a state array of `leaf_shape` that belongs to a parameter.
 
   Returns None when the leaf is not the parameter's shape (with some axes set
   to 1); the caller then replicates it.
   """
-  if len(leaf_shape) != len(param_shape) or any(
-      s not in (1, n) for s, n in zip(leaf_shape, param_shape)
-  ):
+  if not _is_reduced(leaf_shape, param_shape):
     return None
   entries = tuple(spec) + (None,) * (len(param_shape) - len(spec))
   return PartitionSpec(
