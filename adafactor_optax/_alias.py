@@ -87,7 +87,7 @@ def adafactor(
     max_relative_step: the cap of the default rho_t (used when
       `learning_rate` is None).
     decay_schedule: a schedule ``count -> b2_t`` replacing `decay_rate` and
-      `decay_offset`, e.g. `bias_corrected_decay(0.999)`.
+      `decay_offset`, e.g. ``bias_corrected_decay(0.999)``.
     stats_dtype: dtype of the second-moment statistics (default float32, or
       float64 for float64 parameters).
     factor_rule: which axes each parameter factors: None or "largest" (the
@@ -100,14 +100,14 @@ def adafactor(
       (parameters and state unchanged) and count them (`skip_non_finite`).
     diagnostics: record RMS(U_t), the clipped fraction, b2_t, rho_t and
       alpha_t in the state (`record_diagnostics`; read them with
-      `get_diagnostics(state)`), per block of a rule's batch axes. Off: no
+      ``get_diagnostics(state)``), per block of a rule's batch axes. Off: no
       cost at all.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: for a hyperparameter out of its range, or `learning_rate=None`
+    ValueError: for a hyperparameter out of its range, or ``learning_rate=None``
       together with ``multiply_by_parameter_scale=False`` (no step size).
 
   Example:
@@ -163,7 +163,7 @@ def adafactor(
           clipping_threshold=None if clip_apart else clipping_threshold,
       )
   ]
-  if clip_apart:
+  if clip_apart and clipping_threshold is not None:  # the second test is for mypy
     tx.append(_clipping.clip_by_block_rms(clipping_threshold, batch_axes=batch_axes))
   if multiply_by_parameter_scale:
     if learning_rate is None:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics, _step_size
+from adafactor_optax import _numerics, _shapes, _step_size
 
 DIAGNOSTIC_NAMES = (
     "update_rms", "update_rms_global", "clipped_fraction", "b2", "rho", "alpha")
@@ -136,6 +136,9 @@ def record_diagnostics(
   def update_fn(updates, state, params=None):
     if eps2 is not None and params is None:
       raise ValueError("record_diagnostics needs params: call update(updates, state, params).")
+    if eps2 is not None:
+      _shapes.check_shapes("record_diagnostics", "parameter", params,
+                           jax.tree.map(jnp.shape, updates), "its update")
     count = state.diagnostics_count
     rho = _at(step_size, count)
     axes = blocks(updates)
@@ -182,7 +185,7 @@ def get_diagnostics(opt_state: optax.OptState) -> dict[str, Any]:
       ``opt_state``, `optax.MultiSteps`, ...).
 
   Returns:
-    A dict ``{name: value}`` for the names in `DIAGNOSTIC_NAMES`.
+    A dict ``{name: value}`` for the names in ``DIAGNOSTIC_NAMES``.
 
   Raises:
     KeyError: when the state holds no diagnostics.

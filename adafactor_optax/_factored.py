@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _clipping, _factoring, _numerics, _schedules, _sharding
+from adafactor_optax import _clipping, _factoring, _numerics, _schedules, _shapes, _sharding
 
 
 class FactoredMoment(NamedTuple):
@@ -45,7 +45,7 @@ class ScaleByFactoredRmsState(NamedTuple):
       of the parameter's shape for one that is not.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   nu: optax.Updates
 
 
@@ -64,7 +64,7 @@ def _moving_average(previous: jax.Array, value: jax.Array, b2: jax.Array) -> jax
   return (b2 * previous.astype(value.dtype) + (1 - b2) * value).astype(previous.dtype)
 
 
-def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.Array) -> Any:
+def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.typing.ArrayLike) -> Any:
   """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t).
 
   A factored parameter's row and column means are taken of ``G^2`` and eps1 is
@@ -155,14 +155,16 @@ def moments_like(updates: optax.Updates, nu: optax.Updates) -> optax.Updates:
 
   Raises:
     ValueError: when `updates` is not shaped like the parameters `nu` was
-      built for.
+      built for: another tree structure, or a leaf of another shape (naming
+      the leaf and both shapes; checked while tracing, so it costs nothing).
+    TypeError: for a gradient that is not floating-point or complex.
   """
 
   def restore(_, v):
     return FactoredMoment(v["v_row"], v["v_col"]) if isinstance(v, collections.abc.Mapping) else v
 
   try:
-    return jax.tree.map(restore, updates, nu)
+    nu = jax.tree.map(restore, updates, nu)
   except ValueError as error:
     expected = jax.tree.structure(nu, is_leaf=lambda x: isinstance(x, FactoredMoment))
     raise ValueError(
@@ -170,6 +172,26 @@ def moments_like(updates: optax.Updates, nu: optax.Updates) -> optax.Updates:
         f"parameters' the state was built for.\n  gradients:  {jax.tree.structure(updates)}"
         f"\n  parameters: {expected}"
     ) from error
+  _shapes.check_floating("scale_by_factored_rms", "gradient", updates)
+  _shapes.check_shapes(
+      "scale_by_factored_rms", "gradient", updates,
+      jax.tree.map(lambda _, v: parameter_shape(v), updates, nu),
+      "the parameter the state was built for")
+  return nu
+
+
+def parameter_shape(nu: Any) -> _shapes.Pattern:
+  """The shape of the parameter that statistics `nu` were built for.
+
+  A `FactoredMoment` gives it exactly: each axis is kept at the parameter's
+  size by ``v_row`` or ``v_col`` (or is 1 in both). A single array is the
+  parameter's shape, except that row-only or column-only statistics (two or
+  more axes) keep one reduced axis as 1: a size-1 axis there matches any size.
+  """
+  if isinstance(nu, FactoredMoment):
+    return tuple(c if r == 1 else r for r, c in zip(nu.v_row.shape, nu.v_col.shape))
+  shape = tuple(nu.shape)
+  return shape if len(shape) < 2 else tuple(None if n == 1 else n for n in shape)
 
 
 def _constant(b2: jax.typing.ArrayLike) -> Callable[[jax.Array], jax.Array]:
@@ -219,7 +241,7 @@ def scale_by_factored_rms(
       float32.
     clipping_threshold: d; when given, the updates are clipped to
       ``U / max(1, RMS(U) / d)`` here, equal to following this transform with
-      `clip_by_block_rms(d)` (with the factor rule's batch axes as blocks) and
+      ``clip_by_block_rms(d)`` (with the factor rule's batch axes as blocks) and
       faster (`precondition_and_clip`). None: no clipping.
 
   Returns:

@@ -125,7 +125,7 @@ def resolve(
   Args:
     factor_rule: None or "largest" (`largest_two_axes`), "last_two"
       (`last_two_axes`), a callable ``(path, shape) -> FactorSpec | None``, or a
-      pytree with the parameters' structure whose leaves are `FactorSpec`s or
+      pytree with the parameters' structure whose leaves are `FactorSpec` objects or
       None.
     factored: False: nothing is factored, whatever the rule.
     min_dim_size_to_factor: for the named rules.
@@ -190,7 +190,7 @@ def factoring_report(
   factors.
 
   Args:
-    params: the parameters (arrays or `jax.ShapeDtypeStruct`s; nothing is
+    params: the parameters (arrays or `jax.ShapeDtypeStruct` leaves; nothing is
       allocated).
     tx: the optimizer, e.g. ``adafactor(...)``.
     rule: optional, the `factor_rule` `tx` was built with: adds each
@@ -218,7 +218,7 @@ def factoring_report(
   if nu_tree is None:
     raise ValueError("factoring_report: tx's state holds no second-moment statistics (nu).")
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  moments = treedef.flatten_up_to(nu_tree)
+  moments = treedef.flatten_up_to(nu_tree)  # type: ignore[attr-defined]  # (no stub)
   resolved = None if rule is None else resolve(rule)
   lines = ["| parameter | shape | factored | state bytes | Adam bytes |", "|---|---|---|---|---|"]
   for (path, p), nu in zip(leaves, moments):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics, _sharding
+from adafactor_optax import _numerics, _shapes, _sharding
 
 
 class EmaMomentumState(NamedTuple):
@@ -51,6 +51,8 @@ def ema_momentum(
 
   def update_fn(updates, state, params=None):
     del params
+    _shapes.check_shapes("ema_momentum", "update", updates,
+                         jax.tree.map(jnp.shape, state.ema), "its momentum")
 
     def average(u, m):
       u32 = _numerics.upcast(u)

@@ -31,7 +31,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 
-def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.Array:
+def zeros_like_param(
+    param: jax.Array | jax.ShapeDtypeStruct, shape: Sequence[int], dtype: Any
+) -> jax.Array:
   """Zeros of `shape` in `dtype`, placed like `param` with its size-1 axes replicated.
 
   `shape` is the parameter's shape, possibly with some axes set to 1. The
@@ -41,8 +43,13 @@ def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.
   parameter's sharding; ``jnp.zeros(shape)`` has none, and comes out
   replicated. The reduced axes are reduced with `max`, which replicates them.
 
+  A `jax.ShapeDtypeStruct` parameter (an abstract parameter, as optax's own
+  transforms accept in `init`) has no values to select from: its zeros are
+  built directly, placed by its ``.sharding`` when it has one on a concrete
+  mesh (`reduced_sharding`), else on the default device, as optax does.
+
   Args:
-    param: the parameter (array or tracer).
+    param: the parameter (array, tracer or `jax.ShapeDtypeStruct`).
     shape: the state array's shape, ``param.shape`` with some axes set to 1.
     dtype: the state array's dtype.
 
@@ -50,8 +57,11 @@ def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.
     An array of zeros of `shape` and `dtype`.
   """
   shape = tuple(shape)
-  if len(shape) != param.ndim or any(s not in (1, n) for s, n in zip(shape, param.shape)):
+  if not _is_reduced(shape, tuple(param.shape)):
     raise ValueError(f"shape {shape} is not {param.shape} with some axes set to 1")
+  if isinstance(param, jax.ShapeDtypeStruct):
+    sharding = reduced_sharding(param.sharding, tuple(param.shape), shape)
+    return jnp.zeros(shape, dtype, device=sharding)
   # Not jnp.zeros_like: in Auto mode it pins the zeros to the (unknown, hence
   # replicated) sharding of the parameter's type instead of leaving it to propagation.
   # abs: complex parameters have real statistics. The reduction comes before the
@@ -61,8 +71,14 @@ def zeros_like_param(param: jax.Array, shape: Sequence[int], dtype: Any) -> jax.
   source = jnp.abs(jnp.asarray(param))
   axes = tuple(i for i, (s, n) in enumerate(zip(shape, param.shape)) if s != n)
   if axes:
-    source = jnp.max(source, axis=axes, keepdims=True)
+    source = jnp.max(source, axis=axes, keepdims=True, initial=0)  # zero-size axes too
   return jnp.where(False, source, 0).astype(dtype)
+
+
+def _is_reduced(shape: tuple[int, ...], param_shape: tuple[int, ...]) -> bool:
+  """Whether `shape` is `param_shape` with some axes (or none) set to 1."""
+  return len(shape) == len(param_shape) and all(
+      s in (1, n) for s, n in zip(shape, param_shape))
 
 
 def _spec_for(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], spec: Any):
@@ -71,14 +87,36 @@ def _spec_for(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], spec: A
   Returns None when the leaf is not the parameter's shape (with some axes set
   to 1); the caller then replicates it.
   """
-  if len(leaf_shape) != len(param_shape) or any(
-      s not in (1, n) for s, n in zip(leaf_shape, param_shape)
-  ):
+  if not _is_reduced(leaf_shape, param_shape):
     return None
   entries = tuple(spec) + (None,) * (len(param_shape) - len(spec))
   return PartitionSpec(
       *(e if s == n else None for e, s, n in zip(entries, leaf_shape, param_shape))
   )
+
+
+def reduced_sharding(
+    sharding: jax.sharding.Sharding | None, param_shape: tuple[int, ...], shape: tuple[int, ...]
+) -> jax.sharding.Sharding | None:
+  """Where to place a state array of `shape` whose parameter has `sharding`.
+
+  A `NamedSharding` on a concrete mesh keeps the parameter's mesh axes on the
+  axes `shape` keeps, and replicates the axes reduced to 1 (`_spec_for`).
+  Any other sharding is kept for an array of the parameter's own shape.
+
+  Returns:
+    The sharding, or None (the default device) when there is none to follow:
+    no sharding, a sharding on an `AbstractMesh` (nothing to place on), or one
+    that cannot describe the reduced shape.
+  """
+  if isinstance(sharding, NamedSharding):
+    if not isinstance(sharding.mesh, jax.sharding.Mesh):
+      return None
+    spec = _spec_for(shape, param_shape, sharding.spec)
+    return NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+  if sharding is not None and shape == param_shape:
+    return sharding
+  return None
 
 
 def _is_spec(x: Any) -> bool:
@@ -117,8 +155,8 @@ def state_partition_specs(
 
   Args:
     tx: the optimizer.
-    params: the parameters: arrays or `jax.ShapeDtypeStruct`s.
-    param_specs: a tree with `params`' structure of mesh-axis `PartitionSpec`s
+    params: the parameters: arrays or `jax.ShapeDtypeStruct` leaves.
+    param_specs: a tree with `params`' structure of mesh-axis `PartitionSpec` leaves
       (None means replicated), e.g. ``flax.linen.get_partition_spec(...)`` or
       ``flax.nnx.get_partition_spec(...)`` translated to mesh axes with
       ``flax.linen.logical_to_mesh_axes(spec, rules)``.
@@ -173,11 +211,11 @@ def state_shardings(
 
   Args:
     tx: the optimizer.
-    params: the parameters: arrays or `jax.ShapeDtypeStruct`s.
-    param_shardings: a tree like `params` of `NamedSharding`s, or of
-      `PartitionSpec`s together with `mesh`. Default: each parameter's own
+    params: the parameters: arrays or `jax.ShapeDtypeStruct` leaves.
+    param_shardings: a tree like `params` of `NamedSharding` leaves, or of
+      `PartitionSpec` leaves together with `mesh`. Default: each parameter's own
       ``.sharding`` (sharded arrays, or shape structs with a sharding).
-    mesh: the mesh for `PartitionSpec`s; default, the mesh of the first
+    mesh: the mesh for `PartitionSpec` leaves; default, the mesh of the first
       `NamedSharding` in `param_shardings`.
 
   Returns:

@@ -5,13 +5,13 @@ from typing import NamedTuple
 import jax
 import optax
 
-from adafactor_optax import _numerics, _schedules
+from adafactor_optax import _numerics, _schedules, _shapes
 
 
 class RelativeStepSizeState(NamedTuple):
   """State of `relative_step_size`: the number of updates so far."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
 
 
 def parameter_scale(
@@ -80,6 +80,8 @@ def relative_step_size(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("relative_step_size needs params: call update(updates, state, params).")
+    _shapes.check_shapes("relative_step_size", "parameter", params,
+                         jax.tree.map(jax.numpy.shape, updates), "its update")
     rho = step_size(state.count) if callable(step_size) else step_size
 
     def scale(u, p, batch_axes):
