@@ -4,7 +4,8 @@ Every array of this package's state is the shape of its parameter, or that
 shape with some axes set to 1 (the reduced axes of a `FactoredMoment`), or a
 scalar count. So the state's sharding follows from the parameters' by one rule:
 an axis kept at the parameter's size keeps the parameter's mesh axes, an axis
-reduced to 1 is replicated, and scalars are replicated. A factored matrix
+reduced to 1 is replicated, an axis divided into blocks (the per-block scales
+of int8 momentum, `_quantize.py`) keeps them, and scalars are replicated. A factored matrix
 sharded ``P('data', 'model')`` has ``v_row`` sharded ``P('data', None)`` and
 ``v_col`` ``P(None, 'model')``: each device holds only its own slice of the
 row and column statistics, and the update step communicates O(n + m) values per
@@ -72,12 +73,14 @@ def _spec_for(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], spec: A
   to 1); the caller then replicates it.
   """
   if len(leaf_shape) != len(param_shape) or any(
-      s not in (1, n) for s, n in zip(leaf_shape, param_shape)
+      s != 1 and (n % s if s else n) for s, n in zip(leaf_shape, param_shape)
   ):
     return None
   entries = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+  # An axis of size 1 is replicated; one of the parameter's size, or of a
+  # divisor of it (the per-block scales of `BlockQuantized`), keeps its mesh axes.
   return PartitionSpec(
-      *(e if s == n else None for e, s, n in zip(entries, leaf_shape, param_shape))
+      *(e if s != 1 or n == 1 else None for e, s, n in zip(entries, leaf_shape, param_shape))
   )
 
 
