@@ -71,13 +71,11 @@ def ema_momentum(
       b1 = _numerics.as_dtype(decay, _numerics.compute_dtype(u32.dtype)).astype(u32.dtype)
       return (1 - b1) * u32 + b1 * m.astype(u32.dtype)
 
-    if quantized:
-      is_q = lambda x: isinstance(x, _quantize.BlockQuantized)
+    if quantized:  # one BlockQuantized (or a framework's mapping of it) per update
       ema = jax.tree.map(
           lambda u, q: _quantize.quantize(average(u, _quantize.dequantize(q))),
-          updates, state.ema, is_leaf=is_q)
-      updates = jax.tree.map(
-          lambda q, u: _quantize.dequantize(q, u.dtype), ema, updates, is_leaf=is_q)
+          updates, state.ema)
+      updates = jax.tree.map(lambda u, q: _quantize.dequantize(q, u.dtype), updates, ema)
       return updates, EmaMomentumState(ema=ema)
     ema = jax.tree.map(lambda u, m: average(u, m).astype(m.dtype), updates, state.ema)
     # The step is m_t as stored. With an accumulator narrower than the updates

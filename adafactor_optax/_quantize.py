@@ -10,6 +10,7 @@ rest of the state (`_sharding.py`), and a float32 array of n elements costs
 ``n + 4 n / 128``, 1.03 bytes per element.
 """
 
+import collections.abc
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -64,7 +65,13 @@ def quantize(x: jax.Array) -> BlockQuantized:
 
 
 def dequantize(q: BlockQuantized, dtype=jnp.float32) -> jax.Array:
-  """The array `q` stands for, in `dtype` (computed in float32)."""
+  """The array `q` stands for, in `dtype` (computed in float32).
+
+  `q` may also be a mapping with keys ``values`` and ``scales``: frameworks
+  hand state back so (`flax.nnx.Optimizer` writes it back as an `nnx.State`).
+  """
+  if isinstance(q, collections.abc.Mapping):
+    q = BlockQuantized(q["values"], q["scales"])
   blocks = _blocks(q.values).astype(jnp.float32)
   step = (q.scales.reshape(blocks.shape[:-1] + (1,)) / _LEVELS).astype(jnp.float32)
   return (blocks * step).reshape(q.values.shape).astype(dtype)
