@@ -1,13 +1,13 @@
 """8-bit storage with per-block scales, for the momentum accumulator.
 
 An array is stored as int8 values and one float32 scale per block of
-`BLOCK_SIZE` consecutive elements along its last axis: the block's largest
-magnitude, so each block uses the full int8 range whatever the others' scale.
-The scales have the array's shape with the last axis divided by the block
-size; a last axis that is not a multiple of it is one block (one scale per
-row). So the scales are sharded like their blocks by the same rule as the
-rest of the state (`_sharding.py`), and a float32 array of n elements costs
-``n + 4 n / 128``, 1.03 bytes per element.
+consecutive elements along its last axis (`num_blocks`: 128 to 255 elements,
+a power-of-two number of blocks; one block when the axis has no such split):
+the block's largest magnitude, so each block uses the full int8 range whatever
+the others' scale. The scales have the array's shape with the last axis
+divided into blocks, so they are sharded like their blocks by the same rule as
+the rest of the state (`_sharding.py`), and an array of n elements costs at
+most ``n + 4 n / 128`` bytes, 1.03 per element.
 """
 
 import collections.abc
@@ -36,9 +36,17 @@ class BlockQuantized(NamedTuple):
 
 
 def num_blocks(shape: Sequence[int]) -> int:
-  """Blocks along the last axis: of `BLOCK_SIZE` when it divides it, else one."""
+  """Blocks along the last axis: the most, a power of two, of equal size >= `BLOCK_SIZE`.
+
+  A power of two, so that the blocks split evenly over mesh axes of
+  power-of-two sizes, as the parameter's last axis does: 2048 -> 16 blocks of
+  128, 768 -> 4 of 192, 50257 -> 1.
+  """
   n = shape[-1] if len(shape) else 1
-  return n // BLOCK_SIZE if n >= BLOCK_SIZE and n % BLOCK_SIZE == 0 else 1
+  blocks = 1
+  while n % (2 * blocks) == 0 and n // (2 * blocks) >= BLOCK_SIZE:
+    blocks *= 2
+  return blocks
 
 
 def scales_shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -58,7 +66,7 @@ def _blocks(x: jax.Array) -> jax.Array:
 def quantize(x: jax.Array) -> BlockQuantized:
   """`x` (float32) as int8 values rounded to nearest and per-block absmax scales."""
   blocks = _blocks(x)
-  scales = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+  scales = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True, initial=0)
   inverse = jnp.where(scales > 0, _LEVELS / scales, 0).astype(blocks.dtype)
   values = jnp.round(blocks * inverse).astype(jnp.int8)
   return BlockQuantized(values.reshape(x.shape), scales.reshape(scales_shape(x.shape)))
@@ -88,7 +96,7 @@ def zeros_like_param(param: jax.Array) -> BlockQuantized:
   if not jnp.issubdtype(param.dtype, jnp.floating):
     raise TypeError(f"int8 momentum needs real floating parameters, got {param.dtype}.")
   source = jnp.abs(param)
-  block_max = jnp.max(_blocks(source), axis=-1).reshape(scales_shape(source.shape))
+  block_max = jnp.max(_blocks(source), axis=-1, initial=0).reshape(scales_shape(source.shape))
   return BlockQuantized(
       values=jnp.where(False, source, 0).astype(jnp.int8),
       scales=jnp.where(False, block_max, 0).astype(jnp.float32),

@@ -207,8 +207,29 @@ def state_shardings(
       lambda s: s.spec if isinstance(s, NamedSharding) else s, param_shardings, is_leaf=_is_spec
   )
   state_specs = state_partition_specs(tx, params, specs)
+  abstract_state = jax.eval_shape(tx.init, params)
   return jax.tree.map(
-      lambda spec: NamedSharding(mesh, spec),
+      lambda spec, leaf: NamedSharding(mesh, _divisible(spec, leaf.shape, mesh)),
       state_specs,
+      abstract_state,
       is_leaf=lambda x: isinstance(x, PartitionSpec),
   )
+
+
+def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Any) -> PartitionSpec:
+  """`spec` with the axes that its mesh axes do not divide evenly replicated.
+
+  Only the per-block scales of int8 momentum can have such an axis (fewer
+  blocks than devices along it); the parameters' own axes pass unchanged.
+  """
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+  def fits(entry, n):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    count = 1
+    for name in names:
+      count *= sizes[name]
+    return n % count == 0
+
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  return PartitionSpec(*(e if fits(e, n) else None for e, n in zip(entries, shape)))
