@@ -3,7 +3,12 @@
 Compares `adafactor_optax.adafactor()` at the paper's defaults, with no warmup
 (PAPER.md Algorithm 6: relative step rho_t = min(1e-2, 1/sqrt(t)), b2_t = 1 - t^-0.8,
 update clipping d = 1, no momentum), against `optax.adam` with a linear warmup and
-cosine decay. Same model, data, initialisation, batches and number of steps.
+cosine decay, and the memory-saving recipes between them: Adafactor given Adam's
+schedule as an absolute step, with float32 or int8 momentum, and with bfloat16
+parameters rounded stochastically or to nearest (the model computes in float32 from
+them, so only their storage differs). Same model, data, initialisation, batches and
+number of steps. The table reports the bytes per parameter of parameters plus
+optimizer state.
 
 The text is every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``, read as
 bytes (vocabulary of 256), and split into train and validation *by file*: a file
@@ -11,8 +16,11 @@ goes to validation when the CRC32 of its path relative to the stdlib is 0 mod 10
 
 Usage::
 
-  python benchmarks/train_lm.py    # defaults: 213-330 s on 2 shared CPU cores (measured)
+  python benchmarks/train_lm.py    # defaults: 7 optimizers, see results.md for the wall time
   python benchmarks/train_lm.py --steps 50 --d-model 64 --layers 1 --out /tmp/lm
+
+Any setting other than the defaults needs its own ``--out``: the committed results
+in benchmarks/results/train_lm/ are only written by the default run.
 
 Writes ``results.md`` (the table), ``loss.png`` (loss curves) and ``history.json``
 to ``--out``.
