@@ -72,7 +72,7 @@ def test_model_and_adafactor_step_pass_strict_promotion():
 
 
 def test_low_memory_rows_store_what_they_say(tmp_path):
-  """bfloat16 parameters stay bfloat16 (2 bytes each); int8 momentum is ~1 byte."""
+  """bfloat16 parameters stay bfloat16: 2 bytes each."""
   train_lm = helpers.load_benchmark("train_lm")
   cfg = train_lm.parse_args([
       "--steps", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "16",
@@ -83,7 +83,6 @@ def test_low_memory_rows_store_what_they_say(tmp_path):
   (summary,) = [h["summary"] for h in result["histories"]]
   assert summary["param_dtype"] == "bfloat16"
   assert summary["param_bytes"] == 2 * summary["n_params"]
-  assert summary["opt_state_bytes"] < 1.5 * summary["n_params"]  # small model: few factored
 
 
 def test_other_settings_never_overwrite_committed_results():
