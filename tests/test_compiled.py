@@ -54,11 +54,11 @@ def per_layer(path, shape):
         {"skip_non_finite": True},
         {"factor_rule": per_layer},
         {"stochastic_rounding": True},
-        {"momentum": 0.9, "dtype_momentum": jnp.bfloat16, "stochastic_rounding": True,
-         "skip_non_finite": True},
+        {"momentum": 0.9, "dtype_momentum": jnp.bfloat16, "stochastic_rounding": True},
+        {"skip_non_finite": True, "stochastic_rounding": True},
     ],
     ids=["defaults", "momentum", "bf16_momentum", "absolute_lr", "weight_decay", "skip", "per_layer",
-         "stochastic_rounding", "rounding_bf16_momentum_skip"],
+         "rounding", "rounding_bf16_momentum", "rounding_skip"],
 )
 def test_no_full_size_temporaries(dtype, kwargs):
   """The step's temporaries are the small statistics only: no parameter-sized buffer.
