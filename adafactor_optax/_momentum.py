@@ -36,9 +36,10 @@ def ema_momentum(
     accumulator_dtype: dtype the average is stored in (bfloat16 halves its
       memory). Default: float32, or float64 for float64 parameters. Pass a string or `numpy.dtype` rather than `jnp.float32` when
       wrapping in `optax.inject_hyperparams`, which calls callables.
-      ``"int8"`` (or `jnp.int8`): int8 values with one float32 scale per
-      block of 128 along the last axis (`BlockQuantized`, 1.03 bytes per
-      element), the average computed in float32 and rounded to nearest.
+      ``"int8"`` (or `jnp.int8`): int8 values with one float32 scale (the
+      absmax) per block of 128-255 elements along the last axis
+      (`BlockQuantized`, at most 1.03 bytes per element), the average
+      computed in float32 and rounded to nearest.
 
   Returns:
     An `optax.GradientTransformation`.

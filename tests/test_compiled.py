@@ -57,8 +57,8 @@ def per_layer(path, shape):
         {"momentum": 0.9, "dtype_momentum": jnp.bfloat16, "stochastic_rounding": True},
         {"skip_non_finite": True, "stochastic_rounding": True},
     ],
-    ids=["defaults", "momentum", "bf16_momentum", "absolute_lr", "weight_decay", "skip", "per_layer",
-         "rounding", "rounding_bf16_momentum", "rounding_skip"],
+    ids=["defaults", "momentum", "bf16_momentum", "absolute_lr", "weight_decay", "skip",
+         "per_layer", "rounding", "rounding_bf16_momentum", "rounding_skip"],
 )
 def test_no_full_size_temporaries(dtype, kwargs):
   """The step's temporaries are the small statistics only: no parameter-sized buffer.

@@ -33,7 +33,8 @@ def reference_quantize(x):
   scales = np.abs(blocks).max(axis=-1, keepdims=True, initial=0)
   values = np.round(np.divide(blocks * 127, scales, out=np.zeros_like(blocks), where=scales > 0))
   dequantized = (values * scales / 127).reshape(x.shape)
-  return values.reshape(x.shape), scales.reshape(x.shape[:-1] + (nb,) if x.ndim else ()), dequantized
+  scales_shape = x.shape[:-1] + (nb,) if x.ndim else ()
+  return values.reshape(x.shape), scales.reshape(scales_shape), dequantized
 
 
 @pytest.mark.parametrize("shape", [(4, 512), (3, 200), (256,), (), (2, 3, 768), (5, 0)], ids=str)
@@ -129,13 +130,14 @@ def test_composes_with_wrappers(wrap, dtype):
       "plain": lambda: ao.adafactor(**LOW_MEMORY),
       "inject_hyperparams": lambda: optax.inject_hyperparams(ao.adafactor)(**LOW_MEMORY),
       "multi_steps": lambda: optax.MultiSteps(ao.adafactor(**LOW_MEMORY), every_k_schedule=2),
-      "masked": lambda: optax.masked(ao.adafactor(**LOW_MEMORY), {"w": True, "b": True, "s": False}),
+      "masked": lambda: optax.masked(ao.adafactor(**LOW_MEMORY),
+                                     {"w": True, "b": True, "s": False}),
       "skip_non_finite": lambda: ao.adafactor(**LOW_MEMORY, skip_non_finite=True),
       "diagnostics": lambda: ao.adafactor(**LOW_MEMORY, diagnostics=True),
   }[wrap]
   if wrap == "inject_hyperparams" and dtype == "float16":
-    pytest.skip("inject_hyperparams casts eps = 1e-30 to float16 (0): NaN for zero-mean "
-                "leaves with or without these options")
+    pytest.skip("inject_hyperparams casts the hyperparameters to float16 (eps = 1e-30 "
+                "becomes 0): a non-finite scalar leaf, with or without these options")
   tx = make()
   params = _small(jnp.dtype(dtype))
   grads = jax.tree.map(lambda p: (p * 0.1 + 0.01).astype(p.dtype), params)
@@ -286,5 +288,6 @@ def test_orbax_restore_onto_another_mesh():
 
 
 def test_block_counts():
-  assert [_quantize.num_blocks((n,)) for n in (2048, 768, 50257, 200, 256, 0)] == [16, 4, 1, 1, 2, 1]
+  sizes = (2048, 768, 50257, 200, 256, 0)
+  assert [_quantize.num_blocks((n,)) for n in sizes] == [16, 4, 1, 1, 2, 1]
   assert _quantize.scales_shape((3, 4096)) == (3, 32) and _quantize.scales_shape(()) == ()

@@ -9,7 +9,6 @@ ulp``; so all-zero bits truncate, all-one bits round away from zero.
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -53,7 +52,7 @@ def test_300_steps_of_1e_4_accumulate_unbiased(dtype):
 def _bf16_values(low_exp, high_exp):
   bits = np.arange(1 << 16, dtype=np.uint16)
   bits = bits[(bits & 0x7F80) != 0x7F80]  # finite: not all exponent bits set
-  values = bits.view(ml_dtypes.bfloat16).astype(np.float64)
+  values = bits.view(jnp.bfloat16).astype(np.float64)
   magnitude = np.abs(values)
   return values[(magnitude >= 2.0**low_exp) & (magnitude < 2.0**high_exp)]
 
