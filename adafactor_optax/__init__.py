@@ -17,6 +17,8 @@ from adafactor_optax._factoring import (
 )
 from adafactor_optax._finite import SkipNonFiniteState, skip_non_finite
 from adafactor_optax._momentum import EmaMomentumState, ema_momentum
+from adafactor_optax._quantize import BlockQuantized
+from adafactor_optax._rounding import StochasticRoundingState, stochastic_rounding
 from adafactor_optax._schedules import bias_corrected_decay, increasing_decay, inverse_sqrt_step
 from adafactor_optax._sharding import state_partition_specs, state_shardings
 from adafactor_optax._step_size import RelativeStepSizeState, relative_step_size
@@ -25,12 +27,14 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AdafactorDiagnosticsState",
+    "BlockQuantized",
     "EmaMomentumState",
     "FactorSpec",
     "FactoredMoment",
     "RelativeStepSizeState",
     "ScaleByFactoredRmsState",
     "SkipNonFiniteState",
+    "StochasticRoundingState",
     "adafactor",
     "bias_corrected_decay",
     "clip_by_block_rms",
@@ -48,4 +52,5 @@ __all__ = (
     "skip_non_finite",
     "state_partition_specs",
     "state_shardings",
+    "stochastic_rounding",
 )

@@ -13,6 +13,7 @@ from adafactor_optax import (
   _finite,
   _momentum,
   _numerics,
+  _rounding,
   _schedules,
   _step_size,
 )
@@ -39,6 +40,7 @@ def adafactor(
     factor_rule: Any = None,
     skip_non_finite: bool = False,
     diagnostics: bool = False,
+    stochastic_rounding: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Adafactor (Shazeer & Stern, 2018), exactly the paper's algorithm by default.
 
@@ -77,7 +79,8 @@ def adafactor(
     momentum: b1 of an exponential average of the step; None for none (the
       paper's default, which keeps the memory sublinear).
     dtype_momentum: dtype the momentum is stored in. None: float32, or float64
-      for float64 parameters (optax: always float32).
+      for float64 parameters (optax: always float32). ``"int8"``: int8 with
+      per-block float32 scales (`ema_momentum`), 1.03 bytes per parameter.
     weight_decay_rate: decoupled weight decay, added after the step size (not
       multiplied by it), as in optax.
     eps: eps1, added to G^2 before the moving averages.
@@ -102,6 +105,10 @@ def adafactor(
       alpha_t in the state (`record_diagnostics`; read them with
       ``get_diagnostics(state)``), per block of a rule's batch axes. Off: no
       cost at all.
+    stochastic_rounding: end the chain with `stochastic_rounding()`, so that
+      `optax.apply_updates` rounds bfloat16 and float16 parameters
+      stochastically (unbiased) instead of to nearest; float32 parameters are
+      unaffected.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -176,6 +183,8 @@ def adafactor(
   if weight_decay_rate is not None:
     tx.append(optax.add_decayed_weights(weight_decay_rate, mask=weight_decay_mask))
   tx.append(optax.scale(-1.0))
+  if stochastic_rounding:
+    tx.append(_rounding.stochastic_rounding())
   if diagnostics:  # right after scale_by_factored_rms, where the updates are U_t
     tx.insert(1, _diagnostics.record_diagnostics(
         decay=decay_schedule,

@@ -6,11 +6,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics, _shapes, _sharding
+from adafactor_optax import _numerics, _quantize, _shapes, _sharding
 
 
 class EmaMomentumState(NamedTuple):
-  """State of `ema_momentum`: the moving average, one array per parameter."""
+  """State of `ema_momentum`: the moving average, one array per parameter.
+
+  With ``accumulator_dtype="int8"`` each is a `BlockQuantized` (int8 values and
+  per-block float32 scales).
+  """
 
   ema: optax.Updates
 
@@ -32,22 +36,33 @@ def ema_momentum(
     accumulator_dtype: dtype the average is stored in (bfloat16 halves its
       memory). Default: float32, or float64 for float64 parameters. Pass a string or `numpy.dtype` rather than `jnp.float32` when
       wrapping in `optax.inject_hyperparams`, which calls callables.
+      ``"int8"`` (or `jnp.int8`): int8 values with one float32 scale (the
+      absmax) per block of 128-255 elements along the last axis
+      (`BlockQuantized`, at most 1.03 bytes per element), the average
+      computed in float32 and rounded to nearest.
 
   Returns:
     An `optax.GradientTransformation`.
+
+  Raises:
+    ValueError: for a `decay` outside [0, 1), or an `accumulator_dtype` that
+      is neither a floating dtype nor int8.
   """
   _numerics.check("decay", decay, lambda b: 0 <= b < 1, "in [0, 1)")
+  quantized = accumulator_dtype is not None and _checked_dtype(accumulator_dtype) == jnp.int8
 
   def storage_dtype(x):
     if accumulator_dtype is None:
       return _numerics.upcast_dtype(x.dtype)
     return jnp.dtype(accumulator_dtype)
 
+  def zeros(p):
+    if quantized:
+      return _quantize.zeros_like_param(p)
+    return _sharding.zeros_like_param(p, p.shape, storage_dtype(p))
+
   def init_fn(params):
-    return EmaMomentumState(
-        ema=jax.tree.map(
-            lambda p: _sharding.zeros_like_param(p, p.shape, storage_dtype(p)), params)
-    )
+    return EmaMomentumState(ema=jax.tree.map(zeros, params))
 
   def update_fn(updates, state, params=None):
     del params
@@ -59,6 +74,12 @@ def ema_momentum(
       b1 = _numerics.as_dtype(decay, _numerics.compute_dtype(u32.dtype)).astype(u32.dtype)
       return (1 - b1) * u32 + b1 * m.astype(u32.dtype)
 
+    if quantized:  # one BlockQuantized (or a framework's mapping of it) per update
+      ema = jax.tree.map(
+          lambda u, q: _quantize.quantize(average(u, _quantize.dequantize(q))),
+          updates, state.ema)
+      updates = jax.tree.map(lambda u, q: _quantize.dequantize(q, u.dtype), updates, ema)
+      return updates, EmaMomentumState(ema=ema)
     ema = jax.tree.map(lambda u, m: average(u, m).astype(m.dtype), updates, state.ema)
     # The step is m_t as stored. With an accumulator narrower than the updates
     # (bfloat16 under float32 parameters) this rounds it once more than
@@ -68,3 +89,17 @@ def ema_momentum(
     return updates, EmaMomentumState(ema=ema)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _checked_dtype(accumulator_dtype: Any) -> jnp.dtype:
+  """`accumulator_dtype` as a dtype: floating or int8, else a ValueError naming it."""
+  try:
+    dtype = jnp.dtype(accumulator_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not (jnp.issubdtype(dtype, jnp.inexact) or dtype == jnp.int8):
+    raise ValueError(
+        "dtype_momentum (accumulator_dtype) must be a floating dtype or 'int8', "
+        f"got {accumulator_dtype!r}."
+    )
+  return dtype

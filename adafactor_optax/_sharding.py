@@ -4,7 +4,8 @@ Every array of this package's state is the shape of its parameter, or that
 shape with some axes set to 1 (the reduced axes of a `FactoredMoment`), or a
 scalar count. So the state's sharding follows from the parameters' by one rule:
 an axis kept at the parameter's size keeps the parameter's mesh axes, an axis
-reduced to 1 is replicated, and scalars are replicated. A factored matrix
+reduced to 1 is replicated, an axis divided into blocks (the per-block scales
+of int8 momentum, `_quantize.py`) keeps them, and scalars are replicated. A factored matrix
 sharded ``P('data', 'model')`` has ``v_row`` sharded ``P('data', None)`` and
 ``v_col`` ``P(None, 'model')``: each device holds only its own slice of the
 row and column statistics, and the update step communicates O(n + m) values per
@@ -87,11 +88,15 @@ def _spec_for(leaf_shape: tuple[int, ...], param_shape: tuple[int, ...], spec: A
   Returns None when the leaf is not the parameter's shape (with some axes set
   to 1); the caller then replicates it.
   """
-  if not _is_reduced(leaf_shape, param_shape):
+  if len(leaf_shape) != len(param_shape) or any(
+      s != 1 and (n % s if s else n) for s, n in zip(leaf_shape, param_shape)
+  ):
     return None
   entries = tuple(spec) + (None,) * (len(param_shape) - len(spec))
+  # An axis of size 1 is replicated; one of the parameter's size, or of a
+  # divisor of it (the per-block scales of `BlockQuantized`), keeps its mesh axes.
   return PartitionSpec(
-      *(e if s == n else None for e, s, n in zip(entries, leaf_shape, param_shape))
+      *(e if s != 1 or n == 1 else None for e, s, n in zip(entries, leaf_shape, param_shape))
   )
 
 
@@ -242,8 +247,29 @@ def state_shardings(
       lambda s: s.spec if isinstance(s, NamedSharding) else s, param_shardings, is_leaf=_is_spec
   )
   state_specs = state_partition_specs(tx, params, specs)
+  abstract_state = jax.eval_shape(tx.init, params)
   return jax.tree.map(
-      lambda spec: NamedSharding(mesh, spec),
+      lambda spec, leaf: NamedSharding(mesh, _divisible(spec, leaf.shape, mesh)),
       state_specs,
+      abstract_state,
       is_leaf=lambda x: isinstance(x, PartitionSpec),
   )
+
+
+def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Any) -> PartitionSpec:
+  """`spec` with the axes that its mesh axes do not divide evenly replicated.
+
+  Only the per-block scales of int8 momentum can have such an axis (fewer
+  blocks than devices along it); the parameters' own axes pass unchanged.
+  """
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+  def fits(entry, n):
+    names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    count = 1
+    for name in names:
+      count *= sizes[name]
+    return n % count == 0
+
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  return PartitionSpec(*(e if fits(e, n) else None for e, n in zip(entries, shape)))

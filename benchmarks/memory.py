@@ -78,8 +78,13 @@ OPTIMIZERS = {
     "adafactor (paper defaults)": lambda: ao.adafactor(),
     "adafactor + f32 momentum": lambda: ao.adafactor(momentum=0.9),
     "adafactor + bf16 momentum": lambda: ao.adafactor(momentum=0.9, dtype_momentum="bfloat16"),
+    "adafactor + int8 momentum": lambda: ao.adafactor(momentum=0.9, dtype_momentum="int8"),
+    "bf16 params, adafactor + int8 momentum + stochastic rounding": lambda: ao.adafactor(
+        momentum=0.9, dtype_momentum="int8", stochastic_rounding=True),
     "optax.adam": lambda: optax.adam(1e-3),
 }
+# The parameters' dtype for each row (float32 unless named here).
+PARAM_DTYPES = {"bf16 params, adafactor + int8 momentum + stochastic rounding": jnp.bfloat16}
 
 
 def abstract_params(shapes, mesh, dtype=jnp.float32):
@@ -139,9 +144,9 @@ def state_table(models, meshes):
   for model, shapes in models.items():
     for fsdp, tp in meshes:
       mesh = AbstractMesh((fsdp, tp), ("fsdp", "tp"))
-      params = abstract_params(shapes, mesh)
-      p_total, p_dev = param_bytes(params)
       for name, make in OPTIMIZERS.items():
+        params = abstract_params(shapes, mesh, PARAM_DTYPES.get(name, jnp.float32))
+        p_total, p_dev = param_bytes(params)
         total, dev = state_bytes(make(), params)
         rows.append(dict(model=model, n_params=sum(p.size for p in params.values()),
                          mesh=f"{fsdp}x{tp}", optimizer=name, total=total, per_device=dev,
@@ -150,11 +155,14 @@ def state_table(models, meshes):
 
 
 def temp_table(shapes):
-  params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, (s, _) in shapes.items()}
-  p_bytes = sum(p.size * 4 for p in params.values())
   optimizers = dict(OPTIMIZERS, **{"optax.adafactor": lambda: optax.adafactor(1e-2)})
-  return [dict(optimizer=name, temp=step_temp_bytes(make(), params), param_bytes=p_bytes)
-          for name, make in optimizers.items()]
+  rows = []
+  for name, make in optimizers.items():
+    dtype = PARAM_DTYPES.get(name, jnp.float32)
+    params = {k: jax.ShapeDtypeStruct(s, dtype) for k, (s, _) in shapes.items()}
+    p_bytes = sum(p.size * jnp.dtype(dtype).itemsize for p in params.values())
+    rows.append(dict(optimizer=name, temp=step_temp_bytes(make(), params), param_bytes=p_bytes))
+  return rows
 
 
 def markdown(rows, temps, temp_model, command="python benchmarks/memory.py"):
@@ -162,18 +170,20 @@ def markdown(rows, temps, temp_model, command="python benchmarks/memory.py"):
       f"Made by `{command}` (JAX {jax.__version__}, optax {optax.__version__}).",
       "",
       "| model | params | mesh (FSDP x TP) | optimizer | state, total GiB | state per device, MiB"
-      " | state / params (per device) |",
-      "|---|---|---|---|---|---|---|",
+      " | state / params (per device) | params + state, bytes / param |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(
         f"| {r['model']} | {r['n_params'] / 1e9:.1f}B | {r['mesh']} | {r['optimizer']} | "
         f"{gib(r['total'])} | {r['per_device'] / 2**20:,.1f} | "
-        f"{r['per_device'] / r['param_per_device']:.3f} |")
+        f"{r['per_device'] / r['param_per_device']:.3f} | "
+        f"{(r['total'] + r['param_total']) / r['n_params']:.3f} |")
   lines += [
       "",
       f"Compiled temporary memory of one jitted update + apply step ({temp_model}, "
-      "float32, one CPU device, params and state donated):",
+      "float32 parameters unless the row says bf16, one CPU device, params and state "
+      "donated):",
       "",
       "| optimizer | temporary MiB | temporary / param bytes |",
       "|---|---|---|",

@@ -3,7 +3,12 @@
 Compares `adafactor_optax.adafactor()` at the paper's defaults, with no warmup
 (arXiv:1804.04235, Algorithm 6: relative step rho_t = min(1e-2, 1/sqrt(t)), b2_t = 1 - t^-0.8,
 update clipping d = 1, no momentum), against `optax.adam` with a linear warmup and
-cosine decay. Same model, data, initialisation, batches and number of steps.
+cosine decay, and the memory-saving recipes between them: Adafactor given Adam's
+schedule as an absolute step, with float32 or int8 momentum, and with bfloat16
+parameters rounded stochastically or to nearest (the model computes in float32 from
+them, so only their storage differs). Same model, data, initialisation, batches and
+number of steps. The table reports the bytes per parameter of parameters plus
+optimizer state.
 
 The text is every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``, read as
 bytes (vocabulary of 256), and split into train and validation *by file*: a file
@@ -11,8 +16,11 @@ goes to validation when the CRC32 of its path relative to the stdlib is 0 mod 10
 
 Usage::
 
-  python benchmarks/train_lm.py    # defaults: 213-330 s on 2 shared CPU cores (measured)
+  python benchmarks/train_lm.py    # defaults: 7 optimizers, see results.md for the wall time
   python benchmarks/train_lm.py --steps 50 --d-model 64 --layers 1 --out /tmp/lm
+
+Any setting other than the defaults needs its own ``--out``: the committed results
+in benchmarks/results/train_lm/ are only written by the default run.
 
 Writes ``results.md`` (the table), ``loss.png`` (loss curves) and ``history.json``
 to ``--out``.
@@ -133,22 +141,51 @@ def loss_fn(model: TransformerLM, batch: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------- optimizers
 
 
-def make_optimizer(name: str, steps: int) -> optax.GradientTransformation:
-  """The optimizers compared. `adafactor`: paper defaults, no warmup."""
+def _adam_schedule(steps: int) -> optax.Schedule:
   warmup = max(steps // 10, 1)
-  if name == "adafactor":
-    return adafactor_optax.adafactor()
-  if name == "adam":
-    lr = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, max(steps, warmup + 1), 3e-4)
-    return optax.adam(lr)
-  if name == "adam-nowarmup":
-    return optax.adam(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1))
-  if name == "adafactor-momentum":
-    return adafactor_optax.adafactor(momentum=0.9)
-  raise ValueError(f"unknown optimizer {name!r}")
+  return optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup, max(steps, warmup + 1), 3e-4)
 
 
-OPTIMIZERS = ("adafactor", "adam", "adam-nowarmup", "adafactor-momentum")
+def _adafactor_adam_schedule(steps: int, **kwargs) -> optax.GradientTransformation:
+  """Adafactor with Adam's learning-rate schedule as an absolute step."""
+  return adafactor_optax.adafactor(
+      learning_rate=_adam_schedule(steps), multiply_by_parameter_scale=False, **kwargs)
+
+
+# name: (what it is, (steps -> optimizer), parameter dtype)
+OPTIMIZER_SPECS = {
+    "adafactor": ("adafactor() (paper defaults, no warmup)",
+                  lambda steps: adafactor_optax.adafactor(), "float32"),
+    "adam": ("optax.adam, warmup + cosine 3e-3",
+             lambda steps: optax.adam(_adam_schedule(steps)), "float32"),
+    "adam-nowarmup": ("optax.adam, cosine 3e-3, no warmup",
+                      lambda steps: optax.adam(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1)),
+                      "float32"),
+    "adafactor-momentum": ("adafactor(momentum=0.9)",
+                           lambda steps: adafactor_optax.adafactor(momentum=0.9), "float32"),
+    "af-lr": ("adafactor, Adam's schedule (learning_rate=sched, "
+              "multiply_by_parameter_scale=False)", _adafactor_adam_schedule, "float32"),
+    "af-lr-m32": ("af-lr + momentum=0.9 (float32)",
+                  lambda steps: _adafactor_adam_schedule(steps, momentum=0.9), "float32"),
+    "af-lr-m8": ("af-lr + momentum=0.9, dtype_momentum='int8'",
+                 lambda steps: _adafactor_adam_schedule(
+                     steps, momentum=0.9, dtype_momentum="int8"), "float32"),
+    "af-lr-m8-bf16-sr": ("af-lr-m8, bfloat16 params, stochastic_rounding=True",
+                         lambda steps: _adafactor_adam_schedule(
+                             steps, momentum=0.9, dtype_momentum="int8",
+                             stochastic_rounding=True), "bfloat16"),
+    "af-lr-m8-bf16-rtn": ("af-lr-m8, bfloat16 params, round to nearest",
+                          lambda steps: _adafactor_adam_schedule(
+                              steps, momentum=0.9, dtype_momentum="int8"), "bfloat16"),
+}
+OPTIMIZERS = tuple(OPTIMIZER_SPECS)
+
+
+def make_optimizer(name: str, steps: int) -> optax.GradientTransformation:
+  """The optimizer `name` of `OPTIMIZER_SPECS` for a run of `steps`."""
+  if name not in OPTIMIZER_SPECS:
+    raise ValueError(f"unknown optimizer {name!r}")
+  return OPTIMIZER_SPECS[name][1](steps)
 
 
 def tree_bytes(tree) -> int:
@@ -169,7 +206,8 @@ class Config:
   seed: int = 0
   eval_every: int = 50
   eval_batches: int = 8
-  optimizers: tuple[str, ...] = ("adafactor", "adam")
+  optimizers: tuple[str, ...] = ("adafactor", "af-lr", "af-lr-m32", "af-lr-m8",
+                                 "af-lr-m8-bf16-sr", "af-lr-m8-bf16-rtn", "adam")
   out: str = "benchmarks/results/train_lm"
 
 
@@ -178,10 +216,15 @@ def train_one(name: str, cfg: Config, train_batches, valid_batches, progress: bo
   model = TransformerLM(d_model=cfg.d_model, layers=cfg.layers, seq_len=cfg.seq_len,
                         n_heads=cfg.n_heads, rngs=nnx.Rngs(cfg.seed))
   graphdef, params = nnx.split(model, nnx.Param)
+  # Low-precision parameters are stored (and updated) in their dtype; the model
+  # computes in float32 from them, so only the storage differs between rows.
+  param_dtype = jnp.dtype(OPTIMIZER_SPECS[name][2])
+  params = jax.tree.map(lambda p: p.astype(param_dtype), params)
   tx = make_optimizer(name, cfg.steps)
   opt_state = tx.init(params)
 
   def loss_of_params(params, batch):
+    params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
     return loss_fn(nnx.merge(graphdef, params), batch)
 
   @jax.jit
@@ -225,6 +268,9 @@ def train_one(name: str, cfg: Config, train_batches, valid_batches, progress: bo
       "tokens_per_s": tokens / train_time if train_time > 0 else float("nan"),
       "opt_state_bytes": tree_bytes(opt_state),
       "param_bytes": tree_bytes(params),
+      "n_params": int(sum(x.size for x in jax.tree.leaves(params))),
+      "param_dtype": str(param_dtype),
+      "description": OPTIMIZER_SPECS[name][0],
   }
   return history
 
@@ -269,14 +315,18 @@ def markdown_table(summaries, cfg: Config, n_params: int, data_info: dict, wall_
       f"Made by `{command_line(cfg)}`.",
       "",
       "| optimizer | final train loss | validation loss | tokens/s | optimizer-state bytes "
-      "| state / params |",
-      "|---|---|---|---|---|---|",
+      "| state / params | params + state, bytes / param |",
+      "|---|---|---|---|---|---|---|",
   ]
   for s in summaries:
     lines.append(
         f"| {s['optimizer']} | {s['final_train_loss']:.4f} | {s['valid_loss']:.4f} "
         f"| {s['tokens_per_s']:,.0f} | {s['opt_state_bytes']:,} "
-        f"| {s['opt_state_bytes'] / s['param_bytes']:.3f} |")
+        f"| {s['opt_state_bytes'] / s['param_bytes']:.3f} "
+        f"| {(s['param_bytes'] + s['opt_state_bytes']) / s['n_params']:.3f} |")
+  lines += ["", "Optimizers:", ""]
+  lines += [f"- `{s['optimizer']}`: {s['description']}; {s['param_dtype']} parameters."
+            for s in summaries]
   lines += [
       "",
       f"Model: d_model={cfg.d_model}, layers={cfg.layers}, heads={cfg.n_heads}, "
@@ -360,9 +410,13 @@ def parse_args(argv=None) -> Config:
   for n in names:
     if n not in OPTIMIZERS:
       p.error(f"unknown optimizer {n!r}; choose from {', '.join(OPTIMIZERS)}")
-  return Config(steps=a.steps, d_model=a.d_model, layers=a.layers, n_heads=a.heads,
-                seq_len=a.seq_len, batch=a.batch, seed=a.seed, eval_every=a.eval_every,
-                optimizers=names, out=a.out)
+  cfg = Config(steps=a.steps, d_model=a.d_model, layers=a.layers, n_heads=a.heads,
+               seq_len=a.seq_len, batch=a.batch, seed=a.seed, eval_every=a.eval_every,
+               optimizers=names, out=a.out)
+  if cfg.out == d.out and dataclasses.replace(cfg, optimizers=d.optimizers) != d:
+    p.error(f"a run with other settings than the defaults needs its own --out, not {d.out} "
+            "(the committed results)")
+  return cfg
 
 
 def main(argv=None) -> None:

@@ -30,6 +30,16 @@ def test_smoke_run_writes_table_and_plot(memory, tmp_path):
     base = ratio[model, "adafactor (paper defaults)"]
     assert ratio[model, "adafactor + f32 momentum"] == pytest.approx(1.0 + base, abs=1e-3)
     assert ratio[model, "adafactor + bf16 momentum"] == pytest.approx(0.5 + base, abs=1e-3)
+    # int8 values (a quarter of float32) and a float32 scale per block (a row of
+    # 64 at these tiny shapes, 128+ at real ones: 1/64 to 1/128 of a float32 each).
+    int8 = ratio[model, "adafactor + int8 momentum"]
+    assert 0.25 + 1 / 128 + base <= int8 <= 0.25 + 1 / 32 + base
+  per_param = {(r["model"], r["optimizer"]): (r["total"] + r["param_total"]) / r["n_params"]
+               for r in rows}
+  for model in {r["model"] for r in rows}:
+    assert per_param[model, "optax.adam"] == pytest.approx(12.0, abs=1e-3)
+    assert 2 + 1 < per_param[model, "bf16 params, adafactor + int8 momentum + stochastic "
+                             "rounding"] < 2 + 1.1
   # Compiled temporaries: ours keeps no parameter-sized buffer (its statistics only);
   # optax.adafactor writes at least one (U, shared by RMS(U) and the update).
   temp = {t["optimizer"]: t["temp"] / t["param_bytes"] for t in temps}

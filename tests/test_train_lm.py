@@ -79,3 +79,24 @@ def test_model_and_adafactor_step_pass_strict_promotion():
   assert np.isfinite(loss) and abs(float(loss) - np.log(256)) < 1.0  # near-uniform at init
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new_params)
   assert all(jax.tree.leaves(changed))
+
+
+def test_low_memory_rows_store_what_they_say(tmp_path):
+  """bfloat16 parameters stay bfloat16: 2 bytes each."""
+  train_lm = helpers.load_benchmark("train_lm")
+  cfg = train_lm.parse_args([
+      "--steps", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "16",
+      "--batch", "2", "--eval-every", "2", "--optimizers", "af-lr-m8-bf16-sr",
+      "--out", str(tmp_path)])
+  with jax.numpy_dtype_promotion("standard"):  # optax's warmup schedule mixes int32 and float
+    result = train_lm.run(cfg, progress=False, max_bytes=1 << 18)
+  (summary,) = [h["summary"] for h in result["histories"]]
+  assert summary["param_dtype"] == "bfloat16"
+  assert summary["param_bytes"] == 2 * summary["n_params"]
+
+
+def test_other_settings_never_overwrite_committed_results():
+  train_lm = helpers.load_benchmark("train_lm")
+  with pytest.raises(SystemExit):
+    train_lm.parse_args(["--steps", "6"])
+  assert train_lm.parse_args(["--optimizers", "adam"]).out == train_lm.Config().out
