@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _clipping, _factoring, _numerics, _schedules, _sharding
+from adafactor_optax import _clipping, _factoring, _grouping, _numerics, _schedules, _sharding
 
 
 class FactoredMoment(NamedTuple):
@@ -65,27 +65,39 @@ def _moving_average(previous: jax.Array, value: jax.Array, b2: jax.Array) -> jax
 
 
 def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.Array) -> Any:
-  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t).
+  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t)."""
+  if isinstance(nu, FactoredMoment):
+    # Each mean squares its own G: one shared G^2 would be written to memory.
+    means = mean_squares(*_numerics.unshared(grad, copies=2), nu, eps)
+  else:
+    means = mean_squares(grad, grad, nu, eps)
+  return moving_average(nu, means, b2)
 
-  A factored parameter's row and column means are taken of ``G^2`` and eps1 is
-  added to the means, ``mean(G^2) + eps1 = mean(G^2 + eps1)``: the reductions
-  then read the gradient directly and no full-size ``G^2 + eps1`` is formed.
+
+def mean_squares(g_row: jax.Array, g_col: jax.Array, nu: Any, eps: Any) -> Any:
+  """``mean(G^2) + eps1`` over the axes `nu`'s statistics average over, shaped like them.
+
+  Row means are read from `g_row` and column means from `g_col`, both the
+  same G: given as two (`_numerics.unshared`) names, each reduction squares G
+  itself. eps1 is added to the means, ``mean(G^2) + eps1 = mean(G^2 + eps1)``,
+  so no full-size ``G^2 + eps1`` is formed. Works as well on a stack of
+  equally shaped parameters (a leading axis on every array).
   """
-  dtype = _numerics.compute_dtype(grad.dtype)
+  dtype = _numerics.compute_dtype(g_row.dtype)
   eps = _numerics.as_dtype(eps, dtype)
 
   def mean_square(g, shape):
     return _mean_to_shape(jnp.square(jnp.abs(_numerics.upcast(g))).astype(dtype), shape) + eps
 
   if isinstance(nu, FactoredMoment):
-    # Each mean squares its own G: one shared G^2 would be written to memory.
-    g_row, g_col = _numerics.unshared(grad, copies=2)
-    return FactoredMoment(
-        v_row=_moving_average(nu.v_row, mean_square(g_row, nu.v_row.shape), b2),
-        v_col=_moving_average(nu.v_col, mean_square(g_col, nu.v_col.shape), b2),
-    )
+    return FactoredMoment(mean_square(g_row, nu.v_row.shape), mean_square(g_col, nu.v_col.shape))
   # Unfactored (same shape as G), or a row-only / column-only estimate.
-  return _moving_average(nu, mean_square(grad, nu.shape), b2)
+  return mean_square(g_row, nu.shape)
+
+
+def moving_average(nu: Any, means: Any, b2: jax.Array) -> Any:
+  """``b2 nu + (1 - b2) means``, each statistic kept in its own dtype."""
+  return jax.tree.map(lambda v, m: _moving_average(v, m, b2), nu, means)
 
 
 def _inverse_sqrt_factors(nu: Any, dtype: Any) -> tuple[jax.Array, ...]:
@@ -116,21 +128,6 @@ def precondition(grad: jax.Array, nu: Any) -> jax.Array:
   for factor in _inverse_sqrt_factors(nu, dtype):
     u = u * factor.astype(u.dtype)
   return u.astype(grad.dtype)
-
-
-def precondition_and_clip(
-    grad: jax.Array, nu: Any, threshold: jax.typing.ArrayLike, batch_axes: tuple[int, ...] = ()
-) -> jax.Array:
-  """``Uc = U / max(1, RMS(U) / d)`` with ``U = precondition(grad, nu)``.
-
-  Equal to `clip_by_block_rms` after `precondition`, with two fewer memory
-  passes: RMS(U) is taken of a second U built from `_numerics.unshared` G and
-  statistics, so that XLA recomputes U inside the reduction instead of writing
-  one shared U to memory. No full-size temporary is left.
-  """
-  u = precondition(grad, nu)
-  rms = _numerics.block_rms(precondition(*_numerics.unshared((grad, nu))), batch_axes)
-  return _clipping.clip_to_rms(u, rms, threshold)
 
 
 def _check_params_dtypes(params: optax.Params) -> None:
@@ -185,7 +182,7 @@ def scale_by_factored_rms(
     decay: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = None,
     eps: jax.typing.ArrayLike = 1e-30,
     factored: bool = True,
-    min_dim_size_to_factor: int = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
+    min_dim_size_to_factor: int | None = None,
     factor_rule: Any = None,
     stats_dtype: Any = None,
     clipping_threshold: jax.typing.ArrayLike | None = None,
@@ -209,7 +206,7 @@ def scale_by_factored_rms(
     eps: eps1, added to G^2 before the averages.
     factored: whether to factor at all; False keeps every second moment whole.
     min_dim_size_to_factor: factor the two largest axes when both have at least
-      this many elements (`factored_axes`).
+      this many elements (`factored_axes`). None: 128, as optax.
     factor_rule: which axes each parameter factors (see `FactorSpec`): None or
       "largest" (the two largest, as optax), "last_two" (tensor2tensor,
       PyTorch, HF), a callable ``(path, shape) -> FactorSpec | None``, or a
@@ -220,7 +217,7 @@ def scale_by_factored_rms(
     clipping_threshold: d; when given, the updates are clipped to
       ``U / max(1, RMS(U) / d)`` here, equal to following this transform with
       `clip_by_block_rms(d)` (with the factor rule's batch axes as blocks) and
-      faster (`precondition_and_clip`). None: no clipping.
+      faster. None: no clipping.
 
   Returns:
     An `optax.GradientTransformation`. Updates keep the gradients' dtype.
@@ -247,7 +244,7 @@ def scale_by_factored_rms(
       "an integer >= 1")
   if clipping_threshold is not None:
     _numerics.check("clipping_threshold", clipping_threshold, lambda d: d > 0, "> 0")
-  clip_axes = _factoring.block_axes_rule(factor_rule, factored=factored)
+  block_rule = _factoring.block_axes_rule(factor_rule, factored=factored)
   if decay is None:
     decay = _schedules.increasing_decay()
   elif not callable(decay):
@@ -265,8 +262,10 @@ def scale_by_factored_rms(
 
   def init_fn(params):
     _check_params_dtypes(params)
-    min_dim = _numerics.concrete_value(min_dim_size_to_factor)
+    min_dim = min_dim_size_to_factor
     if min_dim is None:
+      min_dim = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+    elif (min_dim := _numerics.concrete_value(min_dim)) is None:
       raise ValueError(
           "min_dim_size_to_factor is traced, but the state's shapes depend on it. "
           "optax.inject_hyperparams turns integers into traced hyperparameters inside "
@@ -281,13 +280,38 @@ def scale_by_factored_rms(
     del params
     nu = moments_like(updates, state.nu)
     b2 = jnp.asarray(decay(state.count))
-    nu = jax.tree.map(lambda g, v: accumulate(g, v, b2, eps), updates, nu)
-    if clipping_threshold is None:
-      updates = jax.tree.map(precondition, updates, nu)
-    else:
-      updates = _numerics.map_blocks(
-          lambda g, v, batch_axes: precondition_and_clip(g, v, clipping_threshold, batch_axes),
-          clip_axes, updates, nu)
-    return updates, ScaleByFactoredRmsState(optax.safe_increment(state.count), nu)
+    paths_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths, grads = [p for p, _ in paths_grads], [g for _, g in paths_grads]
+    blocks = [_factoring.batch_axes(block_rule, p, g.shape) for p, g in zip(paths, grads)]
+
+    def step(grads, moments, *, grouped):
+      # The reductions of equally shaped leaves run together (`_grouping`); an
+      # unfactored leaf's statistics are elementwise, computed with its update.
+      keys = [
+          _grouping.group_key([g, *jax.tree.leaves(v)], b)
+          if grouped and (isinstance(v, FactoredMoment) or v.shape != g.shape) else None
+          for g, v, b in zip(grads, moments, blocks)
+      ]
+      g_row, g_col = _grouping.unshared(grads, copies=2, grouped=grouped)
+      g_row, g_col = (
+          [x if isinstance(v, FactoredMoment) else g for x, g, v in zip(xs, grads, moments)]
+          for xs in (g_row, g_col))
+      means = _grouping.map_stacked(
+          lambda _, gr, gc, v: mean_squares(gr, gc, v, eps), keys, g_row, g_col, moments)
+      moments = [moving_average(v, m, b2) for v, m in zip(moments, means)]
+      updates = [precondition(g, v) for g, v in zip(grads, moments)]
+      if clipping_threshold is not None:
+        # RMS(U) of a U of its own, from unshared G and statistics where that
+        # keeps XLA from writing one shared U to memory.
+        rms = _grouping.block_rms_per_leaf(
+            precondition, blocks, *_grouping.unshared((grads, moments), grouped=grouped),
+            grouped=grouped)
+        updates = [_clipping.clip_to_rms(u, r, clipping_threshold) for u, r in zip(updates, rms)]
+      return updates, moments
+
+    updates, moments = _grouping.per_backend(step, grads, treedef.flatten_up_to(nu))
+    new_nu = jax.tree.unflatten(treedef, moments)
+    return jax.tree.unflatten(treedef, updates), ScaleByFactoredRmsState(
+        optax.safe_increment(state.count), new_nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,143 @@
+"""Reductions shared by leaves of one shape: one kernel per group, not one per leaf.
+
+Adafactor's step reduces every parameter several times (row and column means
+of G^2, RMS(U), RMS(X)), where Adam's step is one elementwise pass. Done leaf by
+leaf, each reduction is a kernel of its own, and on a GPU or TPU a model with
+hundreds of small leaves spends its step launching them. Leaves of equal shape,
+dtype, blocks and sharding (the same weight in each of a model's layers) are
+reduced together instead: their values are stacked along a new leading axis
+and reduced once. XLA fuses the stacking into the reduction, which reads each
+leaf where it lies; no stacked copy is written. Only the small results (one
+statistic per row, column or block) are split back per leaf, and the
+elementwise update stays one fused pass per leaf, as Adam's.
+
+Leaves are grouped only when their placement is known to be equal: on one
+device, or with the sharding in the arrays' types (`jax.sharding.AxisType`
+Explicit). Under a multi-device mesh in Auto mode the shardings are not known
+while tracing, so every leaf is its own group: stacking differently sharded
+leaves would make XLA move them.
+
+Grouping is a choice per backend (`per_backend`), made from the compiled
+step (`benchmarks/compiled_step.py`): XLA:GPU fuses the stacking into the
+reductions; XLA:CPU and the TPU compiler write the stacked copy, so there each
+leaf is reduced alone, its reductions reading their inputs through
+`_numerics.unshared`.
+"""
+
+import collections
+import functools
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from adafactor_optax import _numerics
+
+
+def placement(x: Any) -> Hashable | None:
+  """What can be known of `x`'s placement while tracing; None when it cannot be.
+
+  One device (or no mesh): ``()``. A mesh whose axes are all Explicit: the
+  array's `PartitionSpec`. A mesh with Auto axes: None, the sharding is chosen
+  later by XLA's propagation.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or mesh.size == 1:
+    return ()
+  if all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return (mesh.shape_tuple, sharding.spec)
+  return None
+
+
+def group_key(leaves: Sequence[Any], extra: Hashable = ()) -> Hashable | None:
+  """The key under which `leaves` (one parameter's arrays) share work, or None for none.
+
+  Arrays with equal keys have equal shapes, dtypes and placements, position by
+  position, and the same `extra` (the parameter's blocks, say).
+  """
+  where = [placement(x) for x in leaves]
+  if any(w is None for w in where):
+    return None
+  shapes = tuple((tuple(jnp.shape(x)), jnp.result_type(x).name) for x in leaves)
+  return shapes, tuple(where), extra
+
+
+def per_backend(step: Callable[..., Any], *args: Any) -> Any:
+  """``step(*args, grouped=...)``, grouped where the backend fuses the stacking (GPU).
+
+  Lowered for one platform, only that platform's branch is compiled
+  (`jax.lax.platform_dependent`); the results are equal either way.
+  """
+  alone = functools.partial(step, grouped=False)
+  return jax.lax.platform_dependent(
+      *args, cpu=alone, tpu=alone, default=functools.partial(step, grouped=True))
+
+
+def unshared(tree: Any, copies: int = 1, *, grouped: bool) -> Any:
+  """`_numerics.unshared` for leaves reduced one by one; the tree itself when grouped."""
+  if grouped:
+    return tree if copies == 1 else (tree,) * copies
+  return _numerics.unshared(tree, copies)
+
+
+def map_stacked(f: Callable[..., Any], keys: Sequence[Hashable | None], *columns: list) -> list:
+  """``f`` once per group of equal keys, on the group's leaves stacked along axis 0.
+
+  Args:
+    f: ``f(first, *stacked)``: `first` is the position of the group's first
+      member (to look up what the members share); then one stacked pytree
+      per column, each array with a new leading axis of the group's size. It
+      returns a pytree of arrays, each with the same leading axis.
+    keys: one per position; None puts the position in a group of its own.
+    *columns: equal-length lists; entry i of each is position i's pytree.
+
+  Returns:
+    A list with f's result for each position: its row of the group's result.
+  """
+  groups: dict[Hashable, list[int]] = collections.defaultdict(list)
+  for i, key in enumerate(keys):
+    groups[("alone", i) if key is None else ("key", key)].append(i)
+  results: list[Any] = [None] * len(keys)
+  for members in groups.values():
+    stacked = [
+        jax.tree.map(lambda *xs: jnp.stack(xs), *(column[i] for i in members))
+        for column in columns
+    ]
+    out = f(members[0], *stacked)
+    for row, i in enumerate(members):
+      results[i] = jax.tree.map(lambda x, row=row: x[row], out)
+  return results
+
+
+def block_rms_per_leaf(
+    f: Callable[..., jax.Array],
+    blocks: Sequence[tuple[int, ...]],
+    *columns: list,
+    grouped: bool = True,
+) -> list:
+  """``RMS(f(*args))`` per block of each position's leaf, one reduction per group.
+
+  Args:
+    f: elementwise in its arrays (broadcasting allowed), e.g. `precondition`
+      of (G, statistics), or the identity; called on a group's stacked
+      arguments.
+    blocks: each position's batch axes (see `_numerics.block_rms`).
+    *columns: equal-length lists of pytrees: position i's arguments of f.
+    grouped: False: every position is reduced alone.
+
+  Returns:
+    Per position, the RMS of each block: an array of the leaf's rank with
+    size 1 on every axis but the batch axes, broadcasting against the leaf.
+  """
+  keys = [
+      group_key([x for column in columns for x in jax.tree.leaves(column[i])], blocks[i])
+      if grouped else None
+      for i in range(len(blocks))
+  ]
+
+  def rms(first, *stacked):
+    return _numerics.block_rms(f(*stacked), (0, *(a + 1 for a in blocks[first])))
+
+  return map_stacked(rms, keys, *columns)
