@@ -56,9 +56,9 @@ def clip_by_block_rms(
     leaves = [u for _, u in paths_leaves]
     blocks = [_factoring.batch_axes(block_rule, p, u.shape) for p, u in paths_leaves]
 
-    def clip(leaves, *, grouped):
+    def clip(leaves, *, plan):
       rms = _grouping.block_rms_per_leaf(
-          lambda u: u, blocks, _grouping.unshared(leaves, grouped=grouped), grouped=grouped)
+          lambda u: u, blocks, *_grouping.unshared([leaves], plan=plan)[0], plan=plan)
       return [clip_to_rms(u, r, threshold) for u, r in zip(leaves, rms)]
 
     return jax.tree.unflatten(treedef, _grouping.per_backend(clip, leaves)), state

@@ -284,15 +284,15 @@ def scale_by_factored_rms(
     paths, grads = [p for p, _ in paths_grads], [g for _, g in paths_grads]
     blocks = [_factoring.batch_axes(block_rule, p, g.shape) for p, g in zip(paths, grads)]
 
-    def step(grads, moments, *, grouped):
+    def step(grads, moments, *, plan):
       # The reductions of equally shaped leaves run together (`_grouping`); an
       # unfactored leaf's statistics are elementwise, computed with its update.
       keys = [
           _grouping.group_key([g, *jax.tree.leaves(v)], b)
-          if grouped and (isinstance(v, FactoredMoment) or v.shape != g.shape) else None
+          if plan.grouped and (isinstance(v, FactoredMoment) or v.shape != g.shape) else None
           for g, v, b in zip(grads, moments, blocks)
       ]
-      g_row, g_col = _grouping.unshared(grads, copies=2, grouped=grouped)
+      (g_row,), (g_col,) = _grouping.unshared([grads], copies=2, plan=plan)
       g_row, g_col = (
           [x if isinstance(v, FactoredMoment) else g for x, g, v in zip(xs, grads, moments)]
           for xs in (g_row, g_col))
@@ -304,8 +304,8 @@ def scale_by_factored_rms(
         # RMS(U) of a U of its own, from unshared G and statistics where that
         # keeps XLA from writing one shared U to memory.
         rms = _grouping.block_rms_per_leaf(
-            precondition, blocks, *_grouping.unshared((grads, moments), grouped=grouped),
-            grouped=grouped)
+            precondition, blocks, *_grouping.unshared([grads, moments], plan=plan)[0],
+            plan=plan)
         updates = [_clipping.clip_to_rms(u, r, clipping_threshold) for u, r in zip(updates, rms)]
       return updates, moments
 

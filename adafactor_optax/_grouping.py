@@ -17,17 +17,15 @@ Explicit). Under a multi-device mesh in Auto mode the shardings are not known
 while tracing, so every leaf is its own group: stacking differently sharded
 leaves would make XLA move them.
 
-Grouping is a choice per backend (`per_backend`), made from the compiled
-step (`benchmarks/compiled_step.py`): XLA:GPU fuses the stacking into the
-reductions; XLA:CPU and the TPU compiler write the stacked copy, so there each
-leaf is reduced alone, its reductions reading their inputs through
-`_numerics.unshared`.
+Grouping is a choice per backend (`PLANS`, `per_backend`), made from the
+compiled step: XLA:GPU fuses the stacking into the reductions; XLA:CPU and the
+TPU compiler write the stacked copy, so there each leaf is reduced alone.
 """
 
 import collections
 import functools
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,22 +62,63 @@ def group_key(leaves: Sequence[Any], extra: Hashable = ()) -> Hashable | None:
   return shapes, tuple(where), extra
 
 
+class Plan(NamedTuple):
+  """How one backend's compiler is given the step's reductions.
+
+  Attributes:
+    grouped: reduce equally shaped leaves together (`map_stacked`).
+    barriers: give each reduction its own names for its inputs
+      (`_numerics.unshared`), so that XLA recomputes shared elementwise
+      intermediates inside each reduction instead of writing them to memory.
+  """
+
+  grouped: bool
+  barriers: bool
+
+
+# Chosen from the compiled step of each backend (benchmarks/compiled_step.py):
+# XLA:GPU fuses the stacking into the reductions, and without barriers makes
+# fewer kernels; XLA:CPU writes the stacked copy, and needs the barriers to fuse
+# its reductions with their inputs; the TPU compiler writes the stacked copy,
+# and fuses the row and column means of one G into one pass only without them.
+PLANS = {
+    "cpu": Plan(grouped=False, barriers=True),
+    "tpu": Plan(grouped=False, barriers=False),
+    "gpu": Plan(grouped=True, barriers=False),
+}
+
+
 def per_backend(step: Callable[..., Any], *args: Any) -> Any:
-  """``step(*args, grouped=...)``, grouped where the backend fuses the stacking (GPU).
+  """``step(*args, plan=...)`` with the `Plan` of the backend it is compiled for.
 
   Lowered for one platform, only that platform's branch is compiled
-  (`jax.lax.platform_dependent`); the results are equal either way.
+  (`jax.lax.platform_dependent`); every branch computes the same values.
   """
-  alone = functools.partial(step, grouped=False)
+  branches = {name: functools.partial(step, plan=plan) for name, plan in PLANS.items()}
   return jax.lax.platform_dependent(
-      *args, cpu=alone, tpu=alone, default=functools.partial(step, grouped=True))
+      *args, cpu=branches["cpu"], tpu=branches["tpu"], default=branches["gpu"])
 
 
-def unshared(tree: Any, copies: int = 1, *, grouped: bool) -> Any:
-  """`_numerics.unshared` for leaves reduced one by one; the tree itself when grouped."""
-  if grouped:
-    return tree if copies == 1 else (tree,) * copies
-  return _numerics.unshared(tree, copies)
+def unshared(columns: Sequence[list], copies: int = 1, *, plan: Plan) -> list:
+  """`_numerics.unshared` position by position, where the plan asks for barriers.
+
+  Args:
+    columns: equal-length lists; position i's arrays pass one barrier together
+      (one barrier per leaf: one for the whole tree would tie every leaf's
+      reductions to every other's, and costs the TPU compiler copies).
+    copies: how many separately named copies to return.
+    plan: without `barriers`, the columns are returned as they are.
+
+  Returns:
+    `copies` lists, each with one list per column.
+  """
+  if not plan.barriers:
+    return [list(columns) for _ in range(copies)]
+  per_position = [_numerics.unshared(tuple(c[i] for c in columns), copies=copies)
+                  for i in range(len(columns[0]) if columns else 0)]
+  if copies == 1:
+    per_position = [(p,) for p in per_position]
+  return [[[p[k][j] for p in per_position] for j in range(len(columns))] for k in range(copies)]
 
 
 def map_stacked(f: Callable[..., Any], keys: Sequence[Hashable | None], *columns: list) -> list:
@@ -115,7 +154,7 @@ def block_rms_per_leaf(
     f: Callable[..., jax.Array],
     blocks: Sequence[tuple[int, ...]],
     *columns: list,
-    grouped: bool = True,
+    plan: Plan = PLANS["gpu"],
 ) -> list:
   """``RMS(f(*args))`` per block of each position's leaf, one reduction per group.
 
@@ -125,7 +164,7 @@ def block_rms_per_leaf(
       arguments.
     blocks: each position's batch axes (see `_numerics.block_rms`).
     *columns: equal-length lists of pytrees: position i's arguments of f.
-    grouped: False: every position is reduced alone.
+    plan: without `grouped`, every position is reduced alone.
 
   Returns:
     Per position, the RMS of each block: an array of the leaf's rank with
@@ -133,7 +172,7 @@ def block_rms_per_leaf(
   """
   keys = [
       group_key([x for column in columns for x in jax.tree.leaves(column[i])], blocks[i])
-      if grouped else None
+      if plan.grouped else None
       for i in range(len(blocks))
   ]
 

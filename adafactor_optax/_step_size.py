@@ -83,11 +83,11 @@ def relative_step_size(
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
     blocks = [_factoring.batch_axes(block_rule, p, u.shape) for p, u in paths_leaves]
 
-    def scale(updates, params, *, grouped):
+    def scale(updates, params, *, plan):
       # RMS(X) of an X of its own: a bfloat16 X upcast once, for the RMS and
       # for the parameter update, would be a full-size float32 buffer.
       p_rms = _grouping.block_rms_per_leaf(
-          lambda p: p, blocks, _grouping.unshared(params, grouped=grouped), grouped=grouped)
+          lambda p: p, blocks, *_grouping.unshared([params], plan=plan)[0], plan=plan)
       return [(_numerics.upcast(u) * alpha(r, rho, eps2).astype(_numerics.upcast_dtype(u.dtype))
                ).astype(u.dtype) for u, r in zip(updates, p_rms)]
 

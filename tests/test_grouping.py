@@ -32,7 +32,7 @@ def per_layer(path, shape):
 
 def _grouped_everywhere(monkeypatch):
   """Make every backend, CPU included, take the branch that GPUs take."""
-  monkeypatch.setattr(_grouping, "per_backend", lambda step, *args: step(*args, grouped=True))
+  monkeypatch.setattr(_grouping, "per_backend", lambda step, *args: step(*args, plan=_grouping.PLANS["gpu"]))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
