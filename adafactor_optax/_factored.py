@@ -95,12 +95,27 @@ def mean_squares(g_row: jax.Array, g_col: jax.Array, nu: Any, eps: Any) -> Any:
   return mean_square(g_row, nu.shape)
 
 
+def row_mean_update(nu: FactoredMoment, means: FactoredMoment, b2: jax.Array) -> jax.Array:
+  """mean(R_t) = b2 mean(R_{t-1}) + (1 - b2) mean(this step's row means).
+
+  The mean of `moving_average`'s R_t, taken of the small inputs instead of R_t
+  itself, so that R_t is written by a plain elementwise loop (a reduction of
+  R_t would compute it inside a reduction kernel, which XLA:GPU cannot write
+  in place over the donated R_{t-1}). In the compute dtype, shaped like a
+  mean of R over its row axis.
+  """
+  dtype = means.v_row.dtype
+  b2 = b2.astype(dtype)
+  previous = _mean_to_shape(nu.v_row.astype(dtype), nu.v_col.shape)
+  return b2 * previous + (1 - b2) * _mean_to_shape(means.v_row, nu.v_col.shape)
+
+
 def moving_average(nu: Any, means: Any, b2: jax.Array) -> Any:
   """``b2 nu + (1 - b2) means``, each statistic kept in its own dtype."""
   return jax.tree.map(lambda v, m: _moving_average(v, m, b2), nu, means)
 
 
-def _inverse_sqrt_factors(nu: Any, dtype: Any) -> tuple[jax.Array, ...]:
+def _inverse_sqrt_factors(nu: Any, dtype: Any, row_mean: Any = None) -> tuple[jax.Array, ...]:
   """Arrays whose product (broadcast) is ``V^-1/2``: two small ones when factored.
 
   The factored form is ``(R / mean(R))^-1/2`` and ``C^-1/2``, never the
@@ -108,24 +123,27 @@ def _inverse_sqrt_factors(nu: Any, dtype: Any) -> tuple[jax.Array, ...]:
   """
   if isinstance(nu, FactoredMoment):
     v_row = nu.v_row.astype(dtype)
-    row_mean = _mean_to_shape(v_row, nu.v_col.shape)
+    if row_mean is None:
+      row_mean = _mean_to_shape(v_row, nu.v_col.shape)
+    row_mean = row_mean.astype(dtype)
     return jax.lax.rsqrt(v_row / row_mean), jax.lax.rsqrt(nu.v_col.astype(dtype))
   return (jax.lax.rsqrt(nu.astype(dtype)),)
 
 
-def precondition(grad: jax.Array, nu: Any) -> jax.Array:
+def precondition(grad: jax.Array, nu: Any, row_mean: Any = None) -> jax.Array:
   """``U = G / sqrt(V)``, with ``V = R C / mean(R)`` for a factored parameter.
 
   Args:
     grad: G, the gradient of one parameter.
     nu: its statistics after `accumulate`.
+    row_mean: mean(R), when known (`row_mean_update`); else taken of `nu`.
 
   Returns:
     U, in the gradient's dtype.
   """
   dtype = _numerics.compute_dtype(grad.dtype)
   u = _numerics.upcast(grad)
-  for factor in _inverse_sqrt_factors(nu, dtype):
+  for factor in _inverse_sqrt_factors(nu, dtype, row_mean):
     u = u * factor.astype(u.dtype)
   return u.astype(grad.dtype)
 
@@ -296,15 +314,29 @@ def scale_by_factored_rms(
       g_row, g_col = (
           [x if isinstance(v, FactoredMoment) else g for x, g, v in zip(xs, grads, moments)]
           for xs in (g_row, g_col))
-      means = _grouping.map_stacked(
-          lambda _, gr, gc, v: mean_squares(gr, gc, v, eps), keys, g_row, g_col, moments)
-      moments = [moving_average(v, m, b2) for v, m in zip(moments, means)]
-      updates = [precondition(g, v) for g, v in zip(grads, moments)]
+
+      def statistics(_, g_row, g_col, v):
+        means = mean_squares(g_row, g_col, v, eps)
+        return means, row_mean_update(v, means, b2) if isinstance(v, FactoredMoment) else None
+
+      stats = _grouping.map_stacked(statistics, keys, g_row, g_col, moments)
+      old_moments = moments
+      moments = [moving_average(v, m, b2) for v, (m, _) in zip(moments, stats)]
+      row_means = [r for _, r in stats]
+      updates = [precondition(g, v, r) for g, v, r in zip(grads, moments, row_means)]
       if clipping_threshold is not None:
         # RMS(U) of a U of its own, from unshared G and statistics where that
-        # keeps XLA from writing one shared U to memory.
+        # keeps XLA from writing one shared U to memory. An unfactored V_t is
+        # recomputed from V_{t-1}: then only the update writes it.
+        def u_of(g, v, r):
+          if not isinstance(v, FactoredMoment) and v.shape == g.shape:
+            v = accumulate(g, v, b2, eps)
+          return precondition(g, v, r)
+
+        inputs = [v if isinstance(v, FactoredMoment) or v.shape != g.shape else old
+                  for g, v, old in zip(grads, moments, old_moments)]
         rms = _grouping.block_rms_per_leaf(
-            precondition, blocks, *_grouping.unshared([grads, moments], plan=plan)[0],
+            u_of, blocks, *_grouping.unshared([grads, inputs, row_means], plan=plan)[0],
             plan=plan)
         updates = [_clipping.clip_to_rms(u, r, clipping_threshold) for u, r in zip(updates, rms)]
       return updates, moments
