@@ -32,11 +32,13 @@ Usage:
 
 import os
 
-# Before jax is imported: compile-only devices on a CPU host (without JAX_PLATFORMS=cpu the
-# CUDA plugin fails its runtime check; the TPU variables stop libtpu looking for a TPU VM).
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+if __name__ == "__main__":
+  # Before jax is imported: compile-only devices on a CPU host (without JAX_PLATFORMS=cpu the
+  # CUDA plugin fails its runtime check; the TPU variables stop libtpu looking for a TPU VM).
+  # Imported as a module (the tests), the importer sets them.
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 import argparse
 import glob
@@ -146,7 +148,8 @@ DEFINITIONS = {
         "in the ENTRY computation of the compiled HLO: `fusion` instructions plus unfused "
         "instructions with an array (rank >= 1) result that compute, i.e. all but parameter, "
         "constant, bitcast, tuple, get-tuple-element, custom-call (libtpu's ConcatBitcast) and "
-        "asynchronous `*-start`/`*-done` pairs (DMAs and collectives), counted apart (`other`). "
+        "collectives and asynchronous `*-start`/`*-done` pairs (DMAs, collectives), counted "
+        "apart (`other`). "
         "Scalar (rank-0) instructions run on the scalar unit and are not counted. `fusions` is "
         "the `fusion` instructions alone (the unfused rest are mostly rsqrt of factored "
         "statistics)."),
@@ -276,7 +279,7 @@ def tpu_kernels(computations, entry):
   for _, type_text, opcode, _ in computations[entry]:
     custom_calls += opcode == "custom-call"
     fusions += opcode == "fusion"
-    if opcode.endswith(("-start", "-done")):
+    if opcode.endswith(("-start", "-done")) or opcode in COLLECTIVES:
       other += 1
     elif opcode == "fusion" or (opcode not in NOT_KERNELS and not type_text.startswith(
         tuple(f"{t}[]" for t in DTYPE_BYTES))):
