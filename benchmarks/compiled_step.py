@@ -39,6 +39,8 @@ if __name__ == "__main__":
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # libtpu otherwise holds /tmp/libtpu_lockfile: a second compiling process would fail.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import argparse
 import glob
