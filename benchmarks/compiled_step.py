@@ -28,6 +28,7 @@ Usage:
   python benchmarks/compiled_step.py --sections step --trees unscanned --targets h100,v6e \\
       --optimizers ours,adam --out /tmp/compiled      # a subset, elsewhere
   python benchmarks/compiled_step.py --smoke --out DIR  # tiny trees, v5e + h100 (CI)
+  python benchmarks/compiled_step.py --render benchmarks/results/compiled_step.json  # tables only
 """
 
 import os
@@ -528,8 +529,8 @@ def pod_markdown(rows):
       "state donated. Per chip:",
       "",
       "| target | mesh | optimizer | param MiB | args / param bytes | temp / param bytes "
-      "| collective MiB | collectives / param bytes | x adam | collectives (count: kind) "
-      "| kernels |",
+      "| collective MiB | collectives / param bytes | collectives (count: kind) "
+      "| kernels | TPU est. x adam |",
       "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
@@ -539,8 +540,8 @@ def pod_markdown(rows):
         f"{r['param_bytes_per_chip'] / 2**20:,.1f} | "
         f"{r['argument_bytes'] / r['param_bytes_per_chip']:.2f} | "
         f"{r['temp_per_param_byte']:.3f} | {r['collective_bytes'] / 2**20:,.2f} | "
-        f"{r['collective_bytes'] / r['param_bytes_per_chip']:.4f} | "
-        f"{fmt(r['collective_bytes_vs_adam'], '.2f')} | {kinds} | {r['kernels']:,} |")
+        f"{r['collective_bytes'] / r['param_bytes_per_chip']:.4f} | {kinds} | {r['kernels']:,} | "
+        f"{fmt(r['tpu_est_s_vs_adam'], '.2f')} |")
   return lines + [""]
 
 
@@ -635,6 +636,8 @@ def parse_args(argv=None):
   parser.add_argument("--out", default=None,
                       help="output folder (default benchmarks/results; with --smoke, required)")
   parser.add_argument("--name", default="compiled_step", help="file name stem of the outputs")
+  parser.add_argument("--render", metavar="JSON", default=None,
+                      help="compile nothing: rewrite the markdown and plot of a result JSON")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny trees and decoder, v5e and h100 only, seconds (CI)")
   args = parser.parse_args(argv)
@@ -658,12 +661,32 @@ def parse_args(argv=None):
     if os.path.realpath(args.out) == os.path.realpath(RESULTS):
       parser.error("--smoke must not write into benchmarks/results")
     args.targets = [t for t in args.targets if t in ("v5e", "h100")]
-  args.out = args.out or RESULTS
+  args.out = args.out or (os.path.dirname(os.path.abspath(args.render)) if args.render else RESULTS)
   return args
+
+
+def write(result, out, name):
+  """The markdown and the plot of `result` into `out`."""
+  if result["smoke"] and os.path.realpath(out) == os.path.realpath(RESULTS):
+    raise ValueError("a smoke result is never written into benchmarks/results")
+  os.makedirs(out, exist_ok=True)
+  text = to_markdown(result)
+  with open(os.path.join(out, f"{name}.md"), "w") as f:
+    f.write(text)
+  if result["step"]:
+    plot(result["step"], os.path.join(out, f"{name}.png"))
+  return text
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      result = json.load(f)
+    result["plot"] = f"{args.name}.png"
+    add_ratios(result["step"], "param_bytes")
+    add_ratios(result["pod"], "param_bytes_per_chip")
+    return write(result, args.out, args.name)
   start = time.perf_counter()
   log = lambda message: print(message, flush=True)
   trees = SMOKE_TREES if args.smoke else TREES
@@ -692,12 +715,7 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
     json.dump(result, f, indent=1, allow_nan=False)
-  text = to_markdown(result)
-  with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
-    f.write(text)
-  if step_rows:
-    plot(step_rows, os.path.join(args.out, f"{args.name}.png"))
-  log(text)
+  log(write(result, args.out, args.name))
   return result
 
 

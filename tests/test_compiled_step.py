@@ -108,6 +108,15 @@ def test_pod_slice_shards_state_and_counts_collectives(smoke):
     assert ours["collective_bytes"] > 0
 
 
+@needs_aot
+def test_render_rewrites_the_same_tables_from_the_json(smoke, module, tmp_path):
+  out, result = smoke
+  module.main(["--render", str(out / "compiled_step.json"), "--out", str(tmp_path)])
+  assert (tmp_path / "compiled_step.md").read_text() == (out / "compiled_step.md").read_text()
+  with pytest.raises(ValueError, match="smoke"):
+    module.write(result, module.RESULTS, "compiled_step")
+
+
 def test_smoke_never_writes_the_committed_results(module):
   with pytest.raises(SystemExit):
     module.parse_args(["--smoke"])
