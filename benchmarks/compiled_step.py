@@ -591,6 +591,7 @@ def plot(rows, path):
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   names = [n for n in dict.fromkeys(r["optimizer"] for r in rows)]
   groups = list(dict.fromkeys((r["tree"], r["target"]) for r in rows))
@@ -612,6 +613,8 @@ def plot(rows, path):
     ax.set_ylabel(label, fontsize=8)
     if key == "kernels_vs_adam":
       ax.set_yscale("log")
+      ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   axes[0].legend(fontsize=7, ncol=len(names))
   axes[-1].set_xticks(np.arange(len(groups)) + 0.4 - width / 2)
   axes[-1].set_xticklabels([f"{t}\n{tg}" for t, tg in groups], fontsize=8)
