@@ -175,3 +175,39 @@ THUNKS = """\
 def test_gpu_thunks_count_kernels_inside_command_buffers(module, tmp_path):
   (tmp_path / "module_0001.jit_step.thunk_sequence_after_thunk_passes.txt").write_text(THUNKS)
   assert module.gpu_kernels(str(tmp_path)) == (3, 1)
+
+
+GROUPING = """
+import json, sys
+sys.path[:0] = ["benchmarks", "."]
+import compiled_step as cs
+import jax, optax
+import adafactor_optax as ao
+from jax.sharding import NamedSharding, PartitionSpec as P
+mesh = jax.sharding.Mesh(cs.devices("cuda", "1x1x1")[:1], ("x",))
+counts = {}
+for layers in (2, 6):
+  shapes = {f"l{i}": {"w": (256, 512), "v": (512, 256), "b": (512,)} for i in range(layers)}
+  params = cs.structs(shapes, jax.numpy.float32, NamedSharding(mesh, P()))
+  for name, tx in (("ours", ao.adafactor()), ("adam", optax.adam(1e-3))):
+    shardings = jax.tree.map(lambda s: s.sharding, jax.eval_shape(tx.init, params))
+    counts[f"{name}{layers}"] = cs.compile_and_measure(tx, params, shardings, "cuda")["kernels"]
+print(json.dumps(counts))
+"""
+
+
+@needs_aot
+def test_h100_kernels_grow_with_groups_not_leaves():
+  """On a GPU, equally shaped leaves share their reductions: a layer more costs ours what it costs Adam.
+
+  Reduced leaf by leaf, each factored matrix adds about ten kernels (row and column means,
+  RMS(U), RMS(X), their second stages, the update); grouped, only its update.
+  """
+  run = subprocess.run([sys.executable, "-c", GROUPING], cwd=ROOT, env=dict(os.environ, **ENV),
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  counts = json.loads(run.stdout.strip().splitlines()[-1])
+  per_layer_adam = (counts["adam6"] - counts["adam2"]) / 4
+  per_layer_ours = (counts["ours6"] - counts["ours2"]) / 4
+  assert per_layer_adam >= 3  # one kernel per leaf at least: w, v, b
+  assert per_layer_ours <= 1.5 * per_layer_adam, counts
