@@ -68,6 +68,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adafactor_optax as ao
+from adafactor_optax import _grouping
 import memory  # benchmarks/memory.py: the decoder's shapes and logical-axis rules
 import step_time  # benchmarks/step_time.py: the transformer layer's leaves
 
@@ -126,6 +127,26 @@ def per_layer(path, shape):
 
 
 # name -> (make(rule) -> tx, parameter dtype). `rule` is `per_layer` for stacked trees.
+def with_plan(grouped, barriers):
+  """`adafactor()` compiled with one `_grouping.Plan` on every backend (to compare plans)."""
+  plan = _grouping.Plan(grouped=grouped, barriers=barriers)
+
+  def make(rule):
+    tx = ao.adafactor(factor_rule=rule)
+
+    def update(updates, state, params=None):
+      chosen = dict(_grouping.PLANS)
+      _grouping.PLANS.update(dict.fromkeys(chosen, plan))
+      try:
+        return tx.update(updates, state, params)
+      finally:
+        _grouping.PLANS.update(chosen)
+
+    return optax.GradientTransformation(tx.init, update)
+
+  return make, jnp.float32
+
+
 OPTIMIZERS = {
     "ours": (lambda rule: ao.adafactor(factor_rule=rule), jnp.float32),
     "ours+momentum": (lambda rule: ao.adafactor(momentum=0.9, factor_rule=rule), jnp.float32),
@@ -134,6 +155,13 @@ OPTIMIZERS = {
     "adam bf16": (lambda rule: optax.adam(1e-3), jnp.bfloat16),
     "optax.adafactor": (lambda rule: optax.adafactor(1e-2), jnp.float32),
     "sgd": (lambda rule: optax.sgd(1e-2), jnp.float32),
+}
+DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
+# The step's per-backend choices (`adafactor_optax._grouping.PLANS`), each forced on every
+# backend: not in the default run (`--optimizers 'ours [alone]',...`).
+OPTIMIZERS |= {
+    f"ours [{'grouped' if g else 'alone'}{'+barriers' if b else ''}]": with_plan(g, b)
+    for g in (False, True) for b in (False, True)
 }
 POD_OPTIMIZERS = ("ours", "ours+momentum", "adam")
 # The smoke run (CI): few compiles of tiny programs.
@@ -631,7 +659,8 @@ def parse_args(argv=None):
                       help=f"of {list(TREES)} (default all; with --smoke {SMOKE_TREE_NAMES})")
   parser.add_argument("--targets", default=",".join(TARGETS), help=f"of {list(TARGETS)}")
   parser.add_argument("--optimizers", default=None,
-                      help=f"of {list(OPTIMIZERS)} (default all; with --smoke {SMOKE_OPTIMIZERS})")
+                      help=f"of {list(OPTIMIZERS)} (default {DEFAULT_OPTIMIZERS}; with --smoke "
+                      f"{SMOKE_OPTIMIZERS})")
   parser.add_argument("--pod-targets", default=",".join(POD_TARGETS), help=f"of {list(POD_TARGETS)}")
   parser.add_argument("--pod-optimizers", default=None,
                       help=f"of {list(OPTIMIZERS)} (default {POD_OPTIMIZERS}; with --smoke "
@@ -644,7 +673,7 @@ def parse_args(argv=None):
   parser.add_argument("--smoke", action="store_true",
                       help="tiny trees and decoder, v5e and h100 only, seconds (CI)")
   args = parser.parse_args(argv)
-  defaults = {"trees": (TREES, SMOKE_TREE_NAMES), "optimizers": (OPTIMIZERS, SMOKE_OPTIMIZERS),
+  defaults = {"trees": (TREES, SMOKE_TREE_NAMES), "optimizers": (DEFAULT_OPTIMIZERS, SMOKE_OPTIMIZERS),
               "pod_optimizers": (POD_OPTIMIZERS, SMOKE_POD_OPTIMIZERS)}
   for key, (full, smoke) in defaults.items():
     if getattr(args, key) is None:
