@@ -427,11 +427,13 @@ def step_section(trees, targets, optimizers, log):
         params = structs(shapes, dtype, replicated)
         state_shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(tx.init, params))
         row = dict(tree=tree_name, tree_description=description, target=target, optimizer=name,
-                   dtype=jnp.dtype(dtype).name, n_params=sum(x.size for x in jax.tree.leaves(params)),
+                   dtype=jnp.dtype(dtype).name,
+                   n_params=sum(x.size for x in jax.tree.leaves(params)),
                    n_leaves=len(jax.tree.leaves(params)), param_bytes=nbytes(params))
         row.update(compile_and_measure(tx, params, state_shardings, platform_name))
         rows.append(row)
-        log(f"  [{len(rows)}/{total}] {tree_name:9s} {target:5s} {name:16s} kernels {row['kernels']:5d}  bytes/param "
+        log(f"  [{len(rows)}/{total}] {tree_name:9s} {target:5s} {name:16s} kernels "
+            f"{row['kernels']:5d}  bytes/param "
             f"{row['bytes_accessed'] / row['param_bytes']:5.2f}  temp/param "
             f"{row['temp_bytes'] / row['param_bytes']:.3f}  ({row['compile_s']} s)")
   return rows
@@ -465,7 +467,8 @@ def pod_section(targets, optimizers, smoke, log):
       row.update(compile_and_measure(tx, params, ao.state_shardings(tx, params), platform_name))
       row["collective_bytes"] = sum(b for _, b in row["collectives"].values())
       rows.append(row)
-      log(f"  [{len(rows)}/{total}] pod {target:8s} {name:16s} args/param {row['argument_bytes'] / per_chip:.2f}  "
+      log(f"  [{len(rows)}/{total}] pod {target:8s} {name:16s} args/param "
+          f"{row['argument_bytes'] / per_chip:.2f}  "
           f"temp/param {row['temp_bytes'] / per_chip:.3f}  collectives/param "
           f"{row['collective_bytes'] / per_chip:.4f}  ({row['compile_s']} s)")
   return rows
@@ -531,7 +534,8 @@ def step_markdown(rows):
         f"### {tree}: {f32['tree_description']}, {f32['n_params'] / 1e6:.1f}M parameters, "
         f"{f32['n_leaves']} leaves",
         "",
-        "| target | optimizer | kernels | x adam | TPU fusions | other ops | bytes accessed / param bytes "
+        "| target | optimizer | kernels | x adam | TPU fusions | other ops "
+        "| bytes accessed / param bytes "
         "| x adam | temp / param bytes | TPU est. µs (compiler's estimate) | x adam |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -661,7 +665,8 @@ def parse_args(argv=None):
   parser.add_argument("--optimizers", default=None,
                       help=f"of {list(OPTIMIZERS)} (default {DEFAULT_OPTIMIZERS}; with --smoke "
                       f"{SMOKE_OPTIMIZERS})")
-  parser.add_argument("--pod-targets", default=",".join(POD_TARGETS), help=f"of {list(POD_TARGETS)}")
+  parser.add_argument("--pod-targets", default=",".join(POD_TARGETS),
+                      help=f"of {list(POD_TARGETS)}")
   parser.add_argument("--pod-optimizers", default=None,
                       help=f"of {list(OPTIMIZERS)} (default {POD_OPTIMIZERS}; with --smoke "
                       f"{SMOKE_POD_OPTIMIZERS})")
