@@ -678,7 +678,8 @@ def parse_args(argv=None):
   parser.add_argument("--smoke", action="store_true",
                       help="tiny trees and decoder, v5e and h100 only, seconds (CI)")
   args = parser.parse_args(argv)
-  defaults = {"trees": (TREES, SMOKE_TREE_NAMES), "optimizers": (DEFAULT_OPTIMIZERS, SMOKE_OPTIMIZERS),
+  defaults = {"trees": (TREES, SMOKE_TREE_NAMES),
+              "optimizers": (DEFAULT_OPTIMIZERS, SMOKE_OPTIMIZERS),
               "pod_optimizers": (POD_OPTIMIZERS, SMOKE_POD_OPTIMIZERS)}
   for key, (full, smoke) in defaults.items():
     if getattr(args, key) is None:
