@@ -127,7 +127,8 @@ class _Resolved:
   def __call__(self, path, shape) -> FactorSpec | None:
     key = (tuple(path), tuple(shape))
     if key not in self._specs:
-      self._specs[key] = normalize(self._rule(path, tuple(shape)), shape, jax.tree_util.keystr(path))
+      spec = self._rule(path, tuple(shape))
+      self._specs[key] = normalize(spec, shape, jax.tree_util.keystr(path))
     return self._specs[key]
 
 

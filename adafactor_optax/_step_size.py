@@ -15,7 +15,9 @@ class RelativeStepSizeState(NamedTuple):
   count: jax.Array
 
 
-def alpha(p_rms: jax.Array, step_size: jax.typing.ArrayLike, eps2: jax.typing.ArrayLike) -> jax.Array:
+def alpha(
+    p_rms: jax.Array, step_size: jax.typing.ArrayLike, eps2: jax.typing.ArrayLike
+) -> jax.Array:
   """``alpha_t = max(eps2, RMS(X_{t-1})) rho_t``, given RMS(X_{t-1}) (per block)."""
   return _numerics.as_dtype(step_size, p_rms.dtype) * jnp.maximum(
       _numerics.as_dtype(eps2, p_rms.dtype), p_rms)

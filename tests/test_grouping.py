@@ -32,7 +32,8 @@ def per_layer(path, shape):
 
 def _grouped_everywhere(monkeypatch):
   """Make every backend, CPU included, take the branch that GPUs take."""
-  monkeypatch.setattr(_grouping, "per_backend", lambda step, *args: step(*args, plan=_grouping.PLANS["gpu"]))
+  gpu = _grouping.PLANS["gpu"]
+  monkeypatch.setattr(_grouping, "per_backend", lambda step, *args: step(*args, plan=gpu))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
