@@ -317,7 +317,9 @@ def scale_by_factored_rms(
 
       def statistics(_, g_row, g_col, v):
         means = mean_squares(g_row, g_col, v, eps)
-        return means, row_mean_update(v, means, b2) if isinstance(v, FactoredMoment) else None
+        if not (plan.from_inputs and isinstance(v, FactoredMoment)):
+          return means, None
+        return means, row_mean_update(v, means, b2)
 
       stats = _grouping.map_stacked(statistics, keys, g_row, g_col, moments)
       old_moments = moments
@@ -326,14 +328,15 @@ def scale_by_factored_rms(
       updates = [precondition(g, v, r) for g, v, r in zip(grads, moments, row_means)]
       if clipping_threshold is not None:
         # RMS(U) of a U of its own, from unshared G and statistics where that
-        # keeps XLA from writing one shared U to memory. An unfactored V_t is
-        # recomputed from V_{t-1}: then only the update writes it.
+        # keeps XLA from writing one shared U to memory. With `from_inputs`,
+        # an unfactored V_t is recomputed from V_{t-1}.
         def u_of(g, v, r):
-          if not isinstance(v, FactoredMoment) and v.shape == g.shape:
+          if not isinstance(v, FactoredMoment) and v.shape == g.shape and plan.from_inputs:
             v = accumulate(g, v, b2, eps)
           return precondition(g, v, r)
 
-        inputs = [v if isinstance(v, FactoredMoment) or v.shape != g.shape else old
+        inputs = [old if plan.from_inputs and not isinstance(v, FactoredMoment)
+                  and v.shape == g.shape else v
                   for g, v, old in zip(grads, moments, old_moments)]
         rms = _grouping.block_rms_per_leaf(
             u_of, blocks, *_grouping.unshared([grads, inputs, row_means], plan=plan)[0],

@@ -70,10 +70,16 @@ class Plan(NamedTuple):
     barriers: give each reduction its own names for its inputs
       (`_numerics.unshared`), so that XLA recomputes shared elementwise
       intermediates inside each reduction instead of writing them to memory.
+    from_inputs: reductions that need the new statistics (mean(R_t), RMS(U))
+      recompute them from the old ones and this step's means, so that only the
+      update writes them (and XLA:GPU writes them in place, in the update's
+      own kernel); otherwise they read the new statistics back, which XLA:CPU
+      does without copying the donated old ones.
   """
 
   grouped: bool
   barriers: bool
+  from_inputs: bool
 
 
 # Chosen from the compiled step of each backend (benchmarks/compiled_step.py):
@@ -82,9 +88,9 @@ class Plan(NamedTuple):
 # its reductions with their inputs; the TPU compiler writes the stacked copy,
 # and fuses the row and column means of one G into one pass only without them.
 PLANS = {
-    "cpu": Plan(grouped=False, barriers=True),
-    "tpu": Plan(grouped=False, barriers=False),
-    "gpu": Plan(grouped=True, barriers=False),
+    "cpu": Plan(grouped=False, barriers=True, from_inputs=False),
+    "tpu": Plan(grouped=False, barriers=False, from_inputs=True),
+    "gpu": Plan(grouped=True, barriers=False, from_inputs=True),
 }
 
 

@@ -129,7 +129,7 @@ def per_layer(path, shape):
 # name -> (make(rule) -> tx, parameter dtype). `rule` is `per_layer` for stacked trees.
 def with_plan(grouped, barriers):
   """`adafactor()` compiled with one `_grouping.Plan` on every backend (to compare plans)."""
-  plan = _grouping.Plan(grouped=grouped, barriers=barriers)
+  plan = _grouping.Plan(grouped=grouped, barriers=barriers, from_inputs=True)
 
   def make(rule):
     tx = ao.adafactor(factor_rule=rule)
