@@ -45,6 +45,7 @@ if __name__ == "__main__":
 
 import argparse
 import glob
+import itertools
 import json
 import math
 import platform
@@ -127,9 +128,8 @@ def per_layer(path, shape):
 
 
 # name -> (make(rule) -> tx, parameter dtype). `rule` is `per_layer` for stacked trees.
-def with_plan(grouped, barriers):
+def with_plan(plan):
   """`adafactor()` compiled with one `_grouping.Plan` on every backend (to compare plans)."""
-  plan = _grouping.Plan(grouped=grouped, barriers=barriers, from_inputs=True)
 
   def make(rule):
     tx = ao.adafactor(factor_rule=rule)
@@ -147,6 +147,13 @@ def with_plan(grouped, barriers):
   return make, jnp.float32
 
 
+def plan_name(plan):
+  """E.g. ``ours [grouped+inputs]``: the plan's fields that are on."""
+  on = [("grouped" if plan.grouped else "alone")] + [f for f in ("barriers", "from_inputs")
+                                                     if getattr(plan, f)]
+  return f"ours [{'+'.join(on)}]"
+
+
 OPTIMIZERS = {
     "ours": (lambda rule: ao.adafactor(factor_rule=rule), jnp.float32),
     "ours+momentum": (lambda rule: ao.adafactor(momentum=0.9, factor_rule=rule), jnp.float32),
@@ -160,8 +167,8 @@ DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
 # The step's per-backend choices (`adafactor_optax._grouping.PLANS`), each forced on every
 # backend: not in the default run (`--optimizers 'ours [alone]',...`).
 OPTIMIZERS |= {
-    f"ours [{'grouped' if g else 'alone'}{'+barriers' if b else ''}]": with_plan(g, b)
-    for g in (False, True) for b in (False, True)
+    plan_name(plan): with_plan(plan)
+    for plan in (_grouping.Plan(*flags) for flags in itertools.product((False, True), repeat=3))
 }
 POD_OPTIMIZERS = ("ours", "ours+momentum", "adam")
 # The smoke run (CI): few compiles of tiny programs.
