@@ -154,8 +154,10 @@ def adafactor(
     decay_schedule = _schedules.increasing_decay(decay_rate, decay_offset)
   if min_dim_size_to_factor is None:
     min_dim_size_to_factor = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
-  # The named rules never split a parameter into blocks; a user's rule may.
-  batch_axes = _factoring.block_axes_rule(factor_rule, factored=factored)
+  # A user's rule is resolved once, here, and asked once per parameter by all
+  # the links; the named rules stay names (min_dim_size_to_factor may be traced).
+  if factored and factor_rule is not None and not isinstance(factor_rule, str):
+    factor_rule = _factoring.resolve(factor_rule)
   # Clipping inside scale_by_factored_rms is the same step in fewer memory
   # passes; the diagnostics read U_t before clipping, so they keep it apart.
   clip_apart = diagnostics and clipping_threshold is not None
@@ -171,11 +173,13 @@ def adafactor(
       )
   ]
   if clip_apart and clipping_threshold is not None:  # the second test is for mypy
-    tx.append(_clipping.clip_by_block_rms(clipping_threshold, batch_axes=batch_axes))
+    tx.append(_clipping.clip_by_block_rms(
+        clipping_threshold, factor_rule=factor_rule if factored else None))
   if multiply_by_parameter_scale:
     if learning_rate is None:
       learning_rate = _schedules.inverse_sqrt_step(max_relative_step)
-    tx.append(_step_size.relative_step_size(learning_rate, eps2=eps2, batch_axes=batch_axes))
+    tx.append(_step_size.relative_step_size(
+        learning_rate, eps2=eps2, factor_rule=factor_rule if factored else None))
   else:
     tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
   if momentum is not None:
@@ -191,7 +195,7 @@ def adafactor(
         step_size=learning_rate,
         eps2=eps2 if multiply_by_parameter_scale else None,
         clipping_threshold=clipping_threshold,
-        batch_axes=batch_axes,
+        factor_rule=factor_rule if factored else None,
     ))
   chain = optax.chain(*tx)
   return _finite.skip_non_finite(chain) if skip_non_finite else chain

@@ -1,10 +1,12 @@
 """Update clipping (Algorithm 4, line Uc_t)."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics
+from adafactor_optax import _factoring, _grouping, _numerics
 
 
 def clipping_denominator(rms: jax.Array, threshold: jax.typing.ArrayLike) -> jax.Array:
@@ -19,7 +21,7 @@ def clip_to_rms(u: jax.Array, rms: jax.Array, threshold: jax.typing.ArrayLike) -
 
 
 def clip_by_block_rms(
-    threshold: jax.typing.ArrayLike = 1.0, *, batch_axes: _numerics.BatchAxes = None
+    threshold: jax.typing.ArrayLike = 1.0, *, factor_rule: Any = None
 ) -> optax.GradientTransformation:
   """Scales each parameter's update down to an RMS of at most `threshold`.
 
@@ -29,8 +31,9 @@ def clip_by_block_rms(
 
   Args:
     threshold: d > 0, the largest RMS an update may have (the paper uses 1).
-    batch_axes: ``(path, shape) -> axes`` whose slices are clipped separately
-      (the layers of a scanned stack); None: each parameter is one block.
+    factor_rule: the `factor_rule` of `scale_by_factored_rms`: the batch axes
+      of its `FactorSpec`s index separately clipped blocks (the layers of a
+      scanned stack). None or a named rule: each parameter is one block.
 
   Returns:
     A stateless `optax.GradientTransformation`.
@@ -45,11 +48,19 @@ def clip_by_block_rms(
   """
   _numerics.check("threshold", threshold, lambda d: d > 0, "> 0")
 
-  def clip(u, batch_axes):
-    return clip_to_rms(u, _numerics.block_rms(u, batch_axes), threshold)
+  block_rule = _factoring.block_axes_rule(factor_rule)
 
   def update_fn(updates, state, params=None):
     del params
-    return _numerics.map_blocks(clip, batch_axes, updates), state
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    leaves = [u for _, u in paths_leaves]
+    blocks = [_factoring.batch_axes(block_rule, p, u.shape) for p, u in paths_leaves]
+
+    def clip(leaves, *, plan):
+      rms = _grouping.block_rms_per_leaf(
+          lambda u: u, blocks, *_grouping.unshared([leaves], plan=plan)[0], plan=plan)
+      return [clip_to_rms(u, r, threshold) for u, r in zip(leaves, rms)]
+
+    return jax.tree.unflatten(treedef, _grouping.per_backend(clip, leaves)), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics, _shapes, _step_size
+from adafactor_optax import _factoring, _numerics, _shapes, _step_size
 
 DIAGNOSTIC_NAMES = (
     "update_rms", "update_rms_global", "clipped_fraction", "b2", "rho", "alpha")
@@ -73,7 +73,7 @@ def record_diagnostics(
     step_size: optax.ScalarOrSchedule,
     eps2: jax.typing.ArrayLike | None = 1e-3,
     clipping_threshold: jax.typing.ArrayLike | None = 1.0,
-    batch_axes: _numerics.BatchAxes = None,
+    factor_rule: Any = None,
 ) -> optax.GradientTransformation:
   """Records RMS(U_t), the clipped fraction, b2_t, rho_t and alpha_t; updates pass through.
 
@@ -87,9 +87,10 @@ def record_diagnostics(
     eps2: the floor of the parameter scale; None when the step is absolute
       (``multiply_by_parameter_scale=False``): alpha_t is then rho_t.
     clipping_threshold: d of `clip_by_block_rms`, None when clipping is off.
-    batch_axes: ``(path, shape) -> axes`` of the blocks, as given to
-      `clip_by_block_rms` and `relative_step_size`; None: each parameter is
-      one block.
+    factor_rule: the `factor_rule` given to `clip_by_block_rms` and
+      `relative_step_size`: the batch axes of its `FactorSpec` values are the
+      blocks whose values are recorded. None or a named rule: each parameter
+      is one block.
 
   Returns:
     An `optax.GradientTransformation` whose update needs `params` (for
@@ -108,11 +109,12 @@ def record_diagnostics(
     [1.0, 0.0, 0.01]
   """
 
+  block_rule = _factoring.block_axes_rule(factor_rule)
+
   def blocks(tree):
     """Each leaf's batch axes: the blocks whose values are recorded."""
-    if batch_axes is None:
-      return jax.tree.map(lambda x: (), tree)
-    return jax.tree_util.tree_map_with_path(lambda path, x: batch_axes(path, x.shape), tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: _factoring.batch_axes(block_rule, path, x.shape), tree)
 
   def per_block(x, axes):
     """`x` (a block value broadcasting against its leaf) as an array over `axes`."""

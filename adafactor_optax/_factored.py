@@ -19,7 +19,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _clipping, _factoring, _numerics, _schedules, _shapes, _sharding
+from adafactor_optax import (
+    _clipping,
+    _factoring,
+    _grouping,
+    _numerics,
+    _schedules,
+    _shapes,
+    _sharding,
+)
 
 
 class FactoredMoment(NamedTuple):
@@ -65,30 +73,58 @@ def _moving_average(previous: jax.Array, value: jax.Array, b2: jax.Array) -> jax
 
 
 def accumulate(grad: jax.Array, nu: Any, b2: jax.Array, eps: jax.typing.ArrayLike) -> Any:
-  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t).
+  """One step of the moving averages of ``G^2 + eps1`` (Algorithm 4/5, R_t, C_t, V_t)."""
+  if isinstance(nu, FactoredMoment):
+    # Each mean squares its own G: one shared G^2 would be written to memory.
+    g_row, g_col = _numerics.unshared(grad, copies=2)
+    means = mean_squares(g_row, g_col, nu, eps)
+  else:
+    means = mean_squares(grad, grad, nu, eps)
+  return moving_average(nu, means, b2)
 
-  A factored parameter's row and column means are taken of ``G^2`` and eps1 is
-  added to the means, ``mean(G^2) + eps1 = mean(G^2 + eps1)``: the reductions
-  then read the gradient directly and no full-size ``G^2 + eps1`` is formed.
+
+def mean_squares(g_row: jax.Array, g_col: jax.Array, nu: Any, eps: Any) -> Any:
+  """``mean(G^2) + eps1`` over the axes `nu`'s statistics average over, shaped like them.
+
+  Row means are read from `g_row` and column means from `g_col`, both the
+  same G: given as two (`_numerics.unshared`) names, each reduction squares G
+  itself. eps1 is added to the means, ``mean(G^2) + eps1 = mean(G^2 + eps1)``,
+  so no full-size ``G^2 + eps1`` is formed. Works as well on a stack of
+  equally shaped parameters (a leading axis on every array).
   """
-  dtype = _numerics.compute_dtype(grad.dtype)
+  dtype = _numerics.compute_dtype(g_row.dtype)
   eps = _numerics.as_dtype(eps, dtype)
 
   def mean_square(g, shape):
     return _mean_to_shape(jnp.square(jnp.abs(_numerics.upcast(g))).astype(dtype), shape) + eps
 
   if isinstance(nu, FactoredMoment):
-    # Each mean squares its own G: one shared G^2 would be written to memory.
-    g_row, g_col = _numerics.unshared(grad, copies=2)
-    return FactoredMoment(
-        v_row=_moving_average(nu.v_row, mean_square(g_row, nu.v_row.shape), b2),
-        v_col=_moving_average(nu.v_col, mean_square(g_col, nu.v_col.shape), b2),
-    )
+    return FactoredMoment(mean_square(g_row, nu.v_row.shape), mean_square(g_col, nu.v_col.shape))
   # Unfactored (same shape as G), or a row-only / column-only estimate.
-  return _moving_average(nu, mean_square(grad, nu.shape), b2)
+  return mean_square(g_row, nu.shape)
 
 
-def _inverse_sqrt_factors(nu: Any, dtype: Any) -> tuple[jax.Array, ...]:
+def row_mean_update(nu: FactoredMoment, means: FactoredMoment, b2: jax.Array) -> jax.Array:
+  """mean(R_t) = b2 mean(R_{t-1}) + (1 - b2) mean(this step's row means).
+
+  The mean of `moving_average`'s R_t, taken of the small inputs instead of R_t
+  itself, so that R_t is written by a plain elementwise loop (a reduction of
+  R_t would compute it inside a reduction kernel, which XLA:GPU cannot write
+  in place over the donated R_{t-1}). In the compute dtype, shaped like a
+  mean of R over its row axis.
+  """
+  dtype = means.v_row.dtype
+  b2 = b2.astype(dtype)
+  previous = _mean_to_shape(nu.v_row.astype(dtype), nu.v_col.shape)
+  return b2 * previous + (1 - b2) * _mean_to_shape(means.v_row, nu.v_col.shape)
+
+
+def moving_average(nu: Any, means: Any, b2: jax.Array) -> Any:
+  """``b2 nu + (1 - b2) means``, each statistic kept in its own dtype."""
+  return jax.tree.map(lambda v, m: _moving_average(v, m, b2), nu, means)
+
+
+def _inverse_sqrt_factors(nu: Any, dtype: Any, row_mean: Any = None) -> tuple[jax.Array, ...]:
   """Arrays whose product (broadcast) is ``V^-1/2``: two small ones when factored.
 
   The factored form is ``(R / mean(R))^-1/2`` and ``C^-1/2``, never the
@@ -96,41 +132,29 @@ def _inverse_sqrt_factors(nu: Any, dtype: Any) -> tuple[jax.Array, ...]:
   """
   if isinstance(nu, FactoredMoment):
     v_row = nu.v_row.astype(dtype)
-    row_mean = _mean_to_shape(v_row, nu.v_col.shape)
+    if row_mean is None:
+      row_mean = _mean_to_shape(v_row, nu.v_col.shape)
+    row_mean = row_mean.astype(dtype)
     return jax.lax.rsqrt(v_row / row_mean), jax.lax.rsqrt(nu.v_col.astype(dtype))
   return (jax.lax.rsqrt(nu.astype(dtype)),)
 
 
-def precondition(grad: jax.Array, nu: Any) -> jax.Array:
+def precondition(grad: jax.Array, nu: Any, row_mean: Any = None) -> jax.Array:
   """``U = G / sqrt(V)``, with ``V = R C / mean(R)`` for a factored parameter.
 
   Args:
     grad: G, the gradient of one parameter.
     nu: its statistics after `accumulate`.
+    row_mean: mean(R), when known (`row_mean_update`); else taken of `nu`.
 
   Returns:
     U, in the gradient's dtype.
   """
   dtype = _numerics.compute_dtype(grad.dtype)
   u = _numerics.upcast(grad)
-  for factor in _inverse_sqrt_factors(nu, dtype):
+  for factor in _inverse_sqrt_factors(nu, dtype, row_mean):
     u = u * factor.astype(u.dtype)
   return u.astype(grad.dtype)
-
-
-def precondition_and_clip(
-    grad: jax.Array, nu: Any, threshold: jax.typing.ArrayLike, batch_axes: tuple[int, ...] = ()
-) -> jax.Array:
-  """``Uc = U / max(1, RMS(U) / d)`` with ``U = precondition(grad, nu)``.
-
-  Equal to `clip_by_block_rms` after `precondition`, with two fewer memory
-  passes: RMS(U) is taken of a second U built from `_numerics.unshared` G and
-  statistics, so that XLA recomputes U inside the reduction instead of writing
-  one shared U to memory. No full-size temporary is left.
-  """
-  u = precondition(grad, nu)
-  rms = _numerics.block_rms(precondition(*_numerics.unshared((grad, nu))), batch_axes)
-  return _clipping.clip_to_rms(u, rms, threshold)
 
 
 def _check_params_dtypes(params: optax.Params) -> None:
@@ -207,7 +231,7 @@ def scale_by_factored_rms(
     decay: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = None,
     eps: jax.typing.ArrayLike = 1e-30,
     factored: bool = True,
-    min_dim_size_to_factor: int = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR,
+    min_dim_size_to_factor: int | None = None,
     factor_rule: Any = None,
     stats_dtype: Any = None,
     clipping_threshold: jax.typing.ArrayLike | None = None,
@@ -231,7 +255,7 @@ def scale_by_factored_rms(
     eps: eps1, added to G^2 before the averages.
     factored: whether to factor at all; False keeps every second moment whole.
     min_dim_size_to_factor: factor the two largest axes when both have at least
-      this many elements (`factored_axes`).
+      this many elements (`factored_axes`). None: 128, as optax.
     factor_rule: which axes each parameter factors (see `FactorSpec`): None or
       "largest" (the two largest, as optax), "last_two" (tensor2tensor,
       PyTorch, HF), a callable ``(path, shape) -> FactorSpec | None``, or a
@@ -242,7 +266,7 @@ def scale_by_factored_rms(
     clipping_threshold: d; when given, the updates are clipped to
       ``U / max(1, RMS(U) / d)`` here, equal to following this transform with
       ``clip_by_block_rms(d)`` (with the factor rule's batch axes as blocks) and
-      faster (`precondition_and_clip`). None: no clipping.
+      faster. None: no clipping.
 
   Returns:
     An `optax.GradientTransformation`. Updates keep the gradients' dtype.
@@ -269,7 +293,7 @@ def scale_by_factored_rms(
       "an integer >= 1")
   if clipping_threshold is not None:
     _numerics.check("clipping_threshold", clipping_threshold, lambda d: d > 0, "> 0")
-  clip_axes = _factoring.block_axes_rule(factor_rule, factored=factored)
+  block_rule = _factoring.block_axes_rule(factor_rule, factored=factored)
   if decay is None:
     decay = _schedules.increasing_decay()
   elif not callable(decay):
@@ -287,8 +311,10 @@ def scale_by_factored_rms(
 
   def init_fn(params):
     _check_params_dtypes(params)
-    min_dim = _numerics.concrete_value(min_dim_size_to_factor)
+    min_dim: float | None = min_dim_size_to_factor
     if min_dim is None:
+      min_dim = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+    elif (min_dim := _numerics.concrete_value(min_dim)) is None:
       raise ValueError(
           "min_dim_size_to_factor is traced, but the state's shapes depend on it. "
           "optax.inject_hyperparams turns integers into traced hyperparameters inside "
@@ -303,13 +329,56 @@ def scale_by_factored_rms(
     del params
     nu = moments_like(updates, state.nu)
     b2 = jnp.asarray(decay(state.count))
-    nu = jax.tree.map(lambda g, v: accumulate(g, v, b2, eps), updates, nu)
-    if clipping_threshold is None:
-      updates = jax.tree.map(precondition, updates, nu)
-    else:
-      updates = _numerics.map_blocks(
-          lambda g, v, batch_axes: precondition_and_clip(g, v, clipping_threshold, batch_axes),
-          clip_axes, updates, nu)
-    return updates, ScaleByFactoredRmsState(optax.safe_increment(state.count), nu)
+    paths_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    paths, grads = [p for p, _ in paths_grads], [g for _, g in paths_grads]
+    blocks = [_factoring.batch_axes(block_rule, p, g.shape) for p, g in zip(paths, grads)]
+
+    def step(grads, moments, *, plan):
+      # The reductions of equally shaped leaves run together (`_grouping`); an
+      # unfactored leaf's statistics are elementwise, computed with its update.
+      keys = [
+          _grouping.group_key([g, *jax.tree.leaves(v)], b)
+          if plan.grouped and (isinstance(v, FactoredMoment) or v.shape != g.shape) else None
+          for g, v, b in zip(grads, moments, blocks)
+      ]
+      (g_row,), (g_col,) = _grouping.unshared([grads], copies=2, plan=plan)
+      g_row, g_col = (
+          [x if isinstance(v, FactoredMoment) else g for x, g, v in zip(xs, grads, moments)]
+          for xs in (g_row, g_col))
+
+      def statistics(_, g_row, g_col, v):
+        means = mean_squares(g_row, g_col, v, eps)
+        if not (plan.from_inputs and isinstance(v, FactoredMoment)):
+          return means, None
+        return means, row_mean_update(v, means, b2)
+
+      stats = _grouping.map_stacked(statistics, keys, g_row, g_col, moments)
+      old_moments = moments
+      moments = [moving_average(v, m, b2) for v, (m, _) in zip(moments, stats)]
+      row_means = [r for _, r in stats]
+      updates = [precondition(g, v, r) for g, v, r in zip(grads, moments, row_means)]
+      if clipping_threshold is not None:
+        # RMS(U) of a U of its own, from unshared G and statistics where that
+        # keeps XLA from writing one shared U to memory. With `from_inputs`,
+        # an unfactored V_t is recomputed from V_{t-1}.
+        def u_of(g, v, r):
+          if not isinstance(v, FactoredMoment) and v.shape == g.shape and plan.from_inputs:
+            v = accumulate(g, v, b2, eps)
+          return precondition(g, v, r)
+
+        inputs = [old if plan.from_inputs and not isinstance(v, FactoredMoment)
+                  and v.shape == g.shape else v
+                  for g, v, old in zip(grads, moments, old_moments)]
+        rms = _grouping.block_rms_per_leaf(
+            u_of, blocks, *_grouping.unshared([grads, inputs, row_means], plan=plan)[0],
+            plan=plan)
+        updates = [_clipping.clip_to_rms(u, r, clipping_threshold) for u, r in zip(updates, rms)]
+      return updates, moments
+
+    moments = treedef.flatten_up_to(nu)  # type: ignore[attr-defined]  # (no stub)
+    updates, moments = _grouping.per_backend(step, grads, moments)
+    new_nu = jax.tree.unflatten(treedef, moments)
+    return jax.tree.unflatten(treedef, updates), ScaleByFactoredRmsState(
+        optax.safe_increment(state.count), new_nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -117,6 +117,21 @@ def normalize(spec: FactorSpec | None, shape: Sequence[int], where: str) -> Fact
   return FactorSpec(row, col, tuple(sorted(batch)), spec.estimate)
 
 
+class _Resolved:
+  """A rule with its results normalised, checked and remembered per (path, shape)."""
+
+  def __init__(self, rule: Rule):
+    self._rule = rule
+    self._specs: dict[tuple, FactorSpec | None] = {}
+
+  def __call__(self, path, shape) -> FactorSpec | None:
+    key = (tuple(path), tuple(shape))
+    if key not in self._specs:
+      spec = self._rule(path, tuple(shape))
+      self._specs[key] = normalize(spec, shape, jax.tree_util.keystr(path))
+    return self._specs[key]
+
+
 def resolve(
     factor_rule: Any, *, factored: bool = True, min_dim_size_to_factor: int | None = None
 ) -> Rule:
@@ -126,16 +141,19 @@ def resolve(
     factor_rule: None or "largest" (`largest_two_axes`), "last_two"
       (`last_two_axes`), a callable ``(path, shape) -> FactorSpec | None``, or a
       pytree with the parameters' structure whose leaves are `FactorSpec` objects or
-      None.
+      None. A rule this function returned is returned as it is.
     factored: False: nothing is factored, whatever the rule.
     min_dim_size_to_factor: for the named rules.
 
   Returns:
-    A rule; its results are normalised and checked.
+    A rule; its results are normalised, checked, and computed once per
+    parameter path and shape however often the rule is asked.
   """
-  min_dim = DEFAULT_MIN_DIM_SIZE_TO_FACTOR if min_dim_size_to_factor is None else min_dim_size_to_factor
   if not factored:
     return lambda path, shape: None
+  if isinstance(factor_rule, _Resolved):
+    return factor_rule
+  min_dim = DEFAULT_MIN_DIM_SIZE_TO_FACTOR if min_dim_size_to_factor is None else min_dim_size_to_factor
   if factor_rule is None or factor_rule == "largest":
     rule = largest_two_axes(min_dim)
   elif factor_rule == "last_two":
@@ -155,28 +173,25 @@ def resolve(
         raise ValueError(f"factor_rule has no spec for {jax.tree_util.keystr(path)}.")
       return specs[path]
 
-  return lambda path, shape: normalize(rule(path, tuple(shape)), shape, jax.tree_util.keystr(path))
+  return _Resolved(rule)
 
 
-def batch_axes_rule(factor_rule: Rule) -> Callable[[tuple, tuple[int, ...]], tuple[int, ...]]:
-  """``(path, shape) -> batch axes`` of a rule: the blocks of clipping and parameter scale."""
-
-  def batch_axes(path, shape):
-    spec = factor_rule(path, shape)
-    return () if spec is None else spec.batch
-
-  return batch_axes
-
-
-def block_axes_rule(factor_rule: Any, *, factored: bool = True) -> Callable | None:
-  """The batch axes a user's `factor_rule` gives clipping and the parameter scale.
+def block_axes_rule(factor_rule: Any, *, factored: bool = True) -> Rule | None:
+  """The rule whose specs' batch axes are the blocks of clipping and the parameter scale.
 
   None (each parameter one block) for the named rules, which have no batch
-  axes, and when nothing is factored.
+  axes, and when nothing is factored; otherwise the resolved rule, so that
+  links given the same `factor_rule` ask it once per parameter.
   """
   if factor_rule is None or isinstance(factor_rule, str) or not factored:
     return None
-  return batch_axes_rule(resolve(factor_rule))
+  return resolve(factor_rule)
+
+
+def batch_axes(rule: Rule | None, path: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The batch axes (blocks) `rule` gives the parameter at `path`: () for none."""
+  spec = None if rule is None else rule(path, shape)
+  return () if spec is None else spec.batch
 
 
 def factoring_report(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics
+from adafactor_optax import _grouping
 
 
 class SkipNonFiniteState(NamedTuple):
@@ -26,12 +26,23 @@ def all_finite(tree: Any) -> jax.Array:
 
   Read as ``isfinite(max |x|)`` (XLA's max propagates NaN): a float reduction
   that fuses with its input, where ``all(isfinite(x))`` makes XLA:CPU write a
-  full-size boolean array first; `_numerics.unshared` keeps the upcast of a
-  bfloat16 leaf its own.
+  full-size boolean array first. Equally shaped leaves are reduced together
+  where the backend's plan groups them (`_grouping`); on CPU each leaf passes
+  `_numerics.unshared`, which keeps the upcast of a bfloat16 leaf its own.
   """
-  leaves = _numerics.unshared(jax.tree.leaves(tree))
-  checks = [jnp.isfinite(jnp.max(jnp.abs(x), initial=0)) for x in leaves]
-  return jnp.stack(checks).all() if checks else jnp.asarray(True)
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.asarray(True)
+
+  def check(leaves, *, plan):
+    keys = [_grouping.group_key([x]) if plan.grouped else None for x in leaves]
+    (leaves,) = _grouping.unshared([leaves], plan=plan)[0]
+    finite = _grouping.map_stacked(
+        lambda _, x: jnp.isfinite(jnp.max(jnp.abs(x), axis=tuple(range(1, x.ndim)), initial=0)),
+        keys, leaves)
+    return jnp.stack(finite).all()
+
+  return _grouping.per_backend(check, leaves)
 
 
 def skip_non_finite(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

@@ -1,6 +1,5 @@
 """Dtype policy, block RMS and hyperparameter checks shared by the transforms."""
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -86,18 +85,6 @@ def block_rms(x: jax.Array, batch_axes: tuple[int, ...] = ()) -> jax.Array:
     return jnp.sqrt(jnp.mean(squares))
   block = tuple(a for a in range(x.ndim) if a not in batch_axes)
   return jnp.sqrt(jnp.mean(squares, axis=block, keepdims=True))
-
-
-BatchAxes = Callable[[tuple, tuple[int, ...]], tuple[int, ...]] | None
-
-
-def map_blocks(f: Callable, batch_axes: BatchAxes, tree: Any, *rest: Any) -> Any:
-  """``f(leaf, *rest_leaves, batch_axes=...)`` over `tree`, with each leaf's batch axes."""
-  if batch_axes is None:
-    return jax.tree.map(lambda x, *r: f(x, *r, batch_axes=()), tree, *rest)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x, *r: f(x, *r, batch_axes=batch_axes(path, x.shape)), tree, *rest
-  )
 
 
 def concrete_value(value: Any) -> float | None:

@@ -22,7 +22,7 @@ from adafactor_optax import _numerics
 class StochasticRoundingState(NamedTuple):
   """State of `stochastic_rounding`: the number of updates so far (int32)."""
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
 
 
 def is_low_precision(dtype) -> bool:
@@ -180,10 +180,11 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     step_key = jax.random.fold_in(jax.random.key(seed), state.count)
     leaves, treedef = jax.tree.flatten(updates)
     out = []
-    for i, (u, p) in enumerate(zip(leaves, treedef.flatten_up_to(params))):
+    param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]  # (no stub)
+    for i, (u, p) in enumerate(zip(leaves, param_leaves)):
       if is_low_precision(p.dtype):
         u = rounded_update(p, u, random_bits(jax.random.fold_in(step_key, i), p.shape))
       out.append(u)
-    return treedef.unflatten(out), StochasticRoundingState(optax.safe_increment(state.count))
+    return jax.tree.unflatten(treedef, out), StochasticRoundingState(optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)

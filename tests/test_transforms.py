@@ -124,14 +124,13 @@ def test_clipping_inside_equals_clip_by_block_rms_after(dtype, per_layer):
   """`scale_by_factored_rms(clipping_threshold=d)` is the chain with `clip_by_block_rms(d)`."""
   rule = (lambda path, shape: ao.FactorSpec(-2, -1, batch=(0,)) if len(shape) == 3 else None
           ) if per_layer else None
-  batch_axes = (lambda path, shape: (0,) if len(shape) == 3 else ()) if per_layer else None
   shapes = {"w": (160, 192), "stack": (3, 130, 140), "b": (192,), "s": ()}
   rng = _rng(3)
   grads = [{k: jnp.asarray((10.0 ** rng.uniform(-3, 3)) * rng.standard_normal(s), dtype)
             for k, s in shapes.items()} for _ in range(4)]
   fused = ao.scale_by_factored_rms(factor_rule=rule, clipping_threshold=0.5)
   chain = optax.chain(ao.scale_by_factored_rms(factor_rule=rule),
-                      ao.clip_by_block_rms(0.5, batch_axes=batch_axes))
+                      ao.clip_by_block_rms(0.5, factor_rule=rule))
   s1, s2 = fused.init(grads[0]), chain.init(grads[0])
   for g in grads:
     u1, s1 = jax.jit(fused.update)(g, s1)
