@@ -105,7 +105,7 @@ def adafactor(
       alpha_t in the state (`record_diagnostics`; read them with
       ``get_diagnostics(state)``), per block of a rule's batch axes. Off: no
       cost at all.
-    stochastic_rounding: end the chain with `stochastic_rounding()`, so that
+    stochastic_rounding: end the chain with `stochastic_rounding`, so that
       `optax.apply_updates` rounds bfloat16 and float16 parameters
       stochastically (unbiased) instead of to nearest; float32 parameters are
       unaffected.

@@ -32,7 +32,7 @@ def clip_by_block_rms(
   Args:
     threshold: d > 0, the largest RMS an update may have (the paper uses 1).
     factor_rule: the `factor_rule` of `scale_by_factored_rms`: the batch axes
-      of its `FactorSpec`s index separately clipped blocks (the layers of a
+      of its `FactorSpec` values index separately clipped blocks (the layers of a
       scanned stack). None or a named rule: each parameter is one block.
 
   Returns:

@@ -51,7 +51,7 @@ def relative_step_size(
       Default: the paper's ``min(1e-2, 1/sqrt(t))`` (`inverse_sqrt_step()`).
     eps2: the floor of the parameter scale (1e-3 in the paper).
     factor_rule: the `factor_rule` of `scale_by_factored_rms`: the batch axes
-      of its `FactorSpec`s index blocks with a parameter scale of their own
+      of its `FactorSpec` values index blocks with a parameter scale of their own
       (the layers of a scanned stack). None or a named rule: one per
       parameter.
 
