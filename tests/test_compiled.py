@@ -94,8 +94,6 @@ def test_int8_momentum_temporaries(dtype):
   its rounding to int8 both read m_t, and XLA:CPU writes m_t in float32 (plus
   the update in the parameters' dtype for bfloat16) rather than recompute the
   whole step for each: one float32 copy of the parameters, not more."""
-  if not fused_reductions():
-    pytest.skip("XLA:CPU without fused reductions (YNN fusions) on this machine")
   params = jax.tree.map(lambda x: x.astype(dtype), tree())
   f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
   temp = temp_bytes(ao.adafactor(momentum=0.9, dtype_momentum="int8"), params)
