@@ -82,11 +82,17 @@ class Plan(NamedTuple):
   from_inputs: bool
 
 
-# Chosen from the compiled step of each backend (benchmarks/compiled_step.py):
-# XLA:GPU fuses the stacking into the reductions, and without barriers makes
-# fewer kernels; XLA:CPU writes the stacked copy, and needs the barriers to fuse
-# its reductions with their inputs; the TPU compiler writes the stacked copy,
-# and fuses the row and column means of one G into one pass only without them.
+# Chosen from the compiled step of each backend (benchmarks/compiled_step.py, every
+# plan side by side in benchmarks/results/compiled_step_plans.md). XLA:GPU fuses the
+# stacking into the reductions: grouped, an H100 step launches 63-83 kernels where
+# leaf by leaf it launches 281-1,274, for the same bytes. XLA:CPU and the TPU compiler
+# write the stacked copy (TPU: 0.13-0.39x the parameter bytes of temporaries, and a
+# higher time estimate), so there each leaf is reduced alone; XLA:CPU needs the
+# barriers to fuse its reductions with their inputs (tests/test_compiled.py) and
+# copies the donated statistics when they are recomputed from the inputs. On TPU the
+# per-leaf plans estimate the same time within 5%; without barriers and with
+# `from_inputs` it makes the fewest kernels (barriers would keep temporaries lower:
+# 0.32x against 0.45x the parameter bytes on v5e, many-leaf tree).
 PLANS = {
     "cpu": Plan(grouped=False, barriers=True, from_inputs=False),
     "tpu": Plan(grouped=False, barriers=False, from_inputs=True),
