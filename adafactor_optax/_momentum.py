@@ -1,5 +1,6 @@
 """Momentum: an exponential moving average of the step (Table 2, row P)."""
 
+import collections.abc
 from typing import Any, NamedTuple
 
 import jax
@@ -7,6 +8,21 @@ import jax.numpy as jnp
 import optax
 
 from adafactor_optax import _numerics, _quantize, _shapes, _sharding
+
+
+def _stored_shapes(ema: Any, quantized: bool) -> Any:
+  """The shape of the array each leaf of `ema` stores (a `BlockQuantized`: its values')."""
+
+  def is_quantized(x):
+    return isinstance(x, _quantize.BlockQuantized) or (
+        quantized and isinstance(x, collections.abc.Mapping) and set(x) == {"values", "scales"})
+
+  def shape(x):
+    if isinstance(x, _quantize.BlockQuantized):
+      return jnp.shape(x.values)
+    return jnp.shape(x["values"]) if is_quantized(x) else jnp.shape(x)
+
+  return jax.tree.map(shape, ema, is_leaf=is_quantized)
 
 
 class EmaMomentumState(NamedTuple):
@@ -66,8 +82,8 @@ def ema_momentum(
 
   def update_fn(updates, state, params=None):
     del params
-    _shapes.check_shapes("ema_momentum", "update", updates,
-                         jax.tree.map(jnp.shape, state.ema), "its momentum")
+    _shapes.check_shapes("ema_momentum", "update", updates, _stored_shapes(state.ema, quantized),
+                         "its momentum")
 
     def average(u, m):
       u32 = _numerics.upcast(u)
