@@ -336,15 +336,13 @@ def scale_by_factored_rms(
     def step(grads, moments, *, plan):
       # The reductions of equally shaped leaves run together (`_grouping`); an
       # unfactored leaf's statistics are elementwise, computed with its update.
-      keys = [
-          _grouping.group_key([g, *jax.tree.leaves(v)], b)
-          if plan.grouped and (isinstance(v, FactoredMoment) or v.shape != g.shape) else None
-          for g, v, b in zip(grads, moments, blocks)
-      ]
+      whole = [not isinstance(v, FactoredMoment) and v.shape == g.shape
+               for g, v in zip(grads, moments)]
+      keys = [_grouping.group_key([g, *jax.tree.leaves(v)], b) if plan.grouped and not w else None
+              for g, v, b, w in zip(grads, moments, blocks, whole)]
       (g_row,), (g_col,) = _grouping.unshared([grads], copies=2, plan=plan)
-      g_row, g_col = (
-          [x if isinstance(v, FactoredMoment) else g for x, g, v in zip(xs, grads, moments)]
-          for xs in (g_row, g_col))
+      g_row, g_col = ([g if isinstance(v, FactoredMoment) else grad
+                       for g, grad, v in zip(xs, grads, moments)] for xs in (g_row, g_col))
 
       def statistics(_, g_row, g_col, v):
         means = mean_squares(g_row, g_col, v, eps)
@@ -363,12 +361,11 @@ def scale_by_factored_rms(
         # an unfactored V_t is recomputed from V_{t-1}.
         def u_of(g, v, r):
           if not isinstance(v, FactoredMoment) and v.shape == g.shape and plan.from_inputs:
-            v = accumulate(g, v, b2, eps)
+            v = accumulate(g, v, b2, eps)  # V_{t-1} given: V_t recomputed
           return precondition(g, v, r)
 
-        inputs = [old if plan.from_inputs and not isinstance(v, FactoredMoment)
-                  and v.shape == g.shape else v
-                  for g, v, old in zip(grads, moments, old_moments)]
+        inputs = [old if plan.from_inputs and w else v
+                  for v, old, w in zip(moments, old_moments, whole)]
         rms = _grouping.block_rms_per_leaf(
             u_of, blocks, *_grouping.unshared([grads, inputs, row_means], plan=plan)[0],
             plan=plan)

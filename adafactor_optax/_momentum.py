@@ -12,17 +12,10 @@ from adafactor_optax import _numerics, _quantize, _shapes, _sharding
 
 def _stored_shapes(ema: Any, quantized: bool) -> Any:
   """The shape of the array each leaf of `ema` stores (a `BlockQuantized`: its values')."""
-
-  def is_quantized(x):
-    return isinstance(x, _quantize.BlockQuantized) or (
-        quantized and isinstance(x, collections.abc.Mapping) and set(x) == {"values", "scales"})
-
-  def shape(x):
-    if isinstance(x, _quantize.BlockQuantized):
-      return jnp.shape(x.values)
-    return jnp.shape(x["values"]) if is_quantized(x) else jnp.shape(x)
-
-  return jax.tree.map(shape, ema, is_leaf=is_quantized)
+  if not quantized:
+    return jax.tree.map(jnp.shape, ema)
+  return jax.tree.map(lambda q: jnp.shape(q["values"] if isinstance(q, collections.abc.Mapping)
+                                          else q.values), ema, is_leaf=_quantize.is_quantized)
 
 
 class EmaMomentumState(NamedTuple):

@@ -12,7 +12,7 @@ most ``n + 4 n / 128`` bytes, 1.03 per element.
 
 import collections.abc
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,12 +72,18 @@ def quantize(x: jax.Array) -> BlockQuantized:
   return BlockQuantized(values.reshape(x.shape), scales.reshape(scales_shape(x.shape)))
 
 
-def dequantize(q: BlockQuantized, dtype=jnp.float32) -> jax.Array:
-  """The array `q` stands for, in `dtype` (computed in float32).
+def is_quantized(x: Any) -> bool:
+  """Whether `x` is a `BlockQuantized`, or a framework's mapping of one.
 
-  `q` may also be a mapping with keys ``values`` and ``scales``: frameworks
-  hand state back so (`flax.nnx.Optimizer` writes it back as an `nnx.State`).
+  Frameworks may hand state back as a mapping with keys ``values`` and
+  ``scales`` (`flax.nnx.Optimizer` writes it back as an `nnx.State`).
   """
+  return isinstance(x, BlockQuantized) or (
+      isinstance(x, collections.abc.Mapping) and set(x) == {"values", "scales"})
+
+
+def dequantize(q: BlockQuantized, dtype=jnp.float32) -> jax.Array:
+  """The array `q` stands for, in `dtype` (computed in float32); `q` may be a mapping of it."""
   if isinstance(q, collections.abc.Mapping):
     q = BlockQuantized(q["values"], q["scales"])
   blocks = _blocks(q.values).astype(jnp.float32)
