@@ -23,7 +23,7 @@ from adafactor_optax._schedules import bias_corrected_decay, increasing_decay, i
 from adafactor_optax._sharding import state_partition_specs, state_shardings
 from adafactor_optax._step_size import RelativeStepSizeState, relative_step_size
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "AdafactorDiagnosticsState",

@@ -11,13 +11,15 @@ mutant is *killed* when they fail, *survives* when they pass. Two sets of mutant
   operator swapped, a number changed, a keyword argument dropped, True/False flipped)
   generated from each module's syntax tree: every ``--stride``-th one, in file order.
 
-  python tools/mutation.py                    # named + sample, writes tools/mutation_results.md
+  python tools/mutation.py                    # named + sample, a table on stdout
   python tools/mutation.py --list             # print the mutants only
   python tools/mutation.py --only named       # just the named ones
   python tools/mutation.py --ids 14,20 --out /tmp/rerun.md   # rerun some, by number
 
-The triage of the survivors (a new test, or why the mutant is equivalent) is written by
-hand in tools/mutation_report.md.
+The table goes to stdout, and with ``--out FILE`` to a file as well (outside the tree: past
+runs are not kept in it). The current result and the triage of its survivors (a new test,
+or why the mutant is equivalent) are kept in one place: the Development page of the docs
+(docs/development.md).
 """
 
 import argparse
@@ -211,7 +213,7 @@ def main(argv=None):
   p.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
   p.add_argument("--ids", help="comma-separated mutant numbers to run (as --list numbers them)")
   p.add_argument("--list", action="store_true")
-  p.add_argument("--out", default=str(ROOT / "tools" / "mutation_results.md"))
+  p.add_argument("--out", help="also write the table to this file")
   a = p.parse_args(argv)
   found = list(enumerate(mutants(a.only, a.stride), 1))
   if a.list:
@@ -231,10 +233,13 @@ def main(argv=None):
     lines.append(f"| {i} | {kind} | {module} | {what} | {tests} | **{result}** | "
                  f"{detail if result == 'killed' else ''} | {seconds:.0f} |")
     print(lines[-1], flush=True)
-    pathlib.Path(a.out).write_text("\n".join(lines) + "\n")
+    if a.out:
+      pathlib.Path(a.out).write_text("\n".join(lines) + "\n")
   killed = sum("**killed**" in line for line in lines)
   lines += ["", f"{killed} of {len(found)} killed."]
-  pathlib.Path(a.out).write_text("\n".join(lines) + "\n")
+  print(lines[-1])
+  if a.out:
+    pathlib.Path(a.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
