@@ -24,6 +24,7 @@ out; when in, a few reductions per parameter. Read the values with
 `get_diagnostics(state)`.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -65,6 +66,34 @@ class AdafactorDiagnosticsState(NamedTuple):
 def _at(schedule: Any, count: jax.Array) -> jax.Array:
   value = schedule(count) if callable(schedule) else schedule
   return jnp.asarray(value).astype(jnp.float32)
+
+
+def _blocks(block_rule: Any, tree: Any) -> Any:
+  """Each leaf's batch axes: the blocks whose values are recorded."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: _factoring.batch_axes(block_rule, path, x.shape), tree)
+
+
+def _per_block(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """`x` (a block value broadcasting against its leaf) as an array over `axes`."""
+  return x.reshape([n for a, n in enumerate(x.shape) if a in axes]).astype(jnp.float32)
+
+
+def _zeros(x: Any, axes: tuple[int, ...]) -> jax.Array:
+  return jnp.zeros([x.shape[a] for a in axes], jnp.float32)
+
+
+def _pooled_mean(tree: Any, *, updates: Any, rms: Any) -> jax.Array:
+  """The mean over every element of `updates` of a per-block value (`tree`, like `rms`).
+
+  Each block's value counts once per element of its block; zero-size leaves (RMS
+  NaN) hold no elements and are left out.
+  """
+  block_size = jax.tree.map(lambda u, r: jnp.float32(u.size / max(r.size, 1)), updates, rms)
+  total = jnp.asarray(max(sum(u.size for u in jax.tree.leaves(updates)), 1), jnp.float32)
+  sums = jax.tree.map(lambda x, u, n: jnp.sum(x) * n if u.size else jnp.zeros([], jnp.float32),
+                      tree, updates, block_size)
+  return sum(jax.tree.leaves(sums), jnp.zeros([], jnp.float32)) / total
 
 
 def record_diagnostics(
@@ -111,28 +140,16 @@ def record_diagnostics(
 
   block_rule = _factoring.block_axes_rule(factor_rule)
 
-  def blocks(tree):
-    """Each leaf's batch axes: the blocks whose values are recorded."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: _factoring.batch_axes(block_rule, path, x.shape), tree)
-
-  def per_block(x, axes):
-    """`x` (a block value broadcasting against its leaf) as an array over `axes`."""
-    return x.reshape([n for a, n in enumerate(x.shape) if a in axes]).astype(jnp.float32)
-
-  def zeros(x, axes):
-    return jnp.zeros([x.shape[a] for a in axes], jnp.float32)
-
   def init_fn(params):
-    axes = blocks(params)
+    axes = _blocks(block_rule, params)
     return AdafactorDiagnosticsState(
         diagnostics_count=jnp.zeros([], jnp.int32),
-        update_rms=jax.tree.map(zeros, params, axes),
+        update_rms=jax.tree.map(_zeros, params, axes),
         update_rms_global=jnp.zeros([], jnp.float32),
         clipped_fraction=jnp.zeros([], jnp.float32),
         b2=jnp.zeros([], jnp.float32),
         rho=jnp.zeros([], jnp.float32),
-        alpha=jax.tree.map(zeros, params, axes),
+        alpha=jax.tree.map(_zeros, params, axes),
     )
 
   def update_fn(updates, state, params=None):
@@ -143,17 +160,9 @@ def record_diagnostics(
                            jax.tree.map(jnp.shape, updates), "its update")
     count = state.diagnostics_count
     rho = _at(step_size, count)
-    axes = blocks(updates)
-    rms = jax.tree.map(lambda u, a: per_block(_numerics.block_rms(u, a), a), updates, axes)
-    # Elements per block: a block's share of the pooled values.
-    block_size = jax.tree.map(lambda u, r: jnp.float32(u.size / max(r.size, 1)), updates, rms)
-    total = jnp.asarray(max(sum(u.size for u in jax.tree.leaves(updates)), 1), jnp.float32)
-
-    def pooled(tree):  # zero-size leaves (RMS NaN) hold no elements: left out
-      sums = jax.tree.map(lambda x, u, n: jnp.sum(x) * n if u.size else jnp.zeros([], jnp.float32),
-                          tree, updates, block_size)
-      return sum(jax.tree.leaves(sums), jnp.zeros([], jnp.float32)) / total
-
+    axes = _blocks(block_rule, updates)
+    rms = jax.tree.map(lambda u, a: _per_block(_numerics.block_rms(u, a), a), updates, axes)
+    pooled = functools.partial(_pooled_mean, updates=updates, rms=rms)
     if clipping_threshold is None:
       clipped = jnp.zeros([], jnp.float32)
     else:
@@ -163,7 +172,7 @@ def record_diagnostics(
       alpha = jax.tree.map(lambda r: jnp.broadcast_to(rho, r.shape), rms)
     else:
       alpha = jax.tree.map(
-          lambda p, a: per_block(_step_size.step_scale(p, rho, eps2, a), a), params, axes)
+          lambda p, a: _per_block(_step_size.step_scale(p, rho, eps2, a), a), params, axes)
     new_state = AdafactorDiagnosticsState(
         diagnostics_count=optax.safe_increment(count),
         update_rms=rms,
