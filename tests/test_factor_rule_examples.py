@@ -193,7 +193,7 @@ def build(kwargs, definitions):
                  if isinstance(n, ast.Name)}:
       if name not in namespace and name in definitions:
         exec(definitions[name], namespace)  # noqa: S102 - the docs' own code
-  return ao.adafactor(**{k: eval(v, namespace) for k, v in kwargs.items()})  # noqa: S307
+  return ao.adafactor(**{k: eval(v, namespace) for k, v in kwargs.items()})
 
 
 EXAMPLES = find_examples()
@@ -253,22 +253,22 @@ def test_the_check_catches_the_old_recipe():
 
 
 def test_extraction_reads_fences_inline_code_and_named_rules():
-  text = "\n".join([
-      "Some prose with `ao.adafactor(factor_rule=ao.stacked_layers())` inline.",
-      "The argument `factor_rule=` by name only.",
-      "```python",
-      "import adafactor_optax as ao",
-      "def rule(path, shape):",
-      "  return None  # keeps the whole second moment, on purpose",
-      "tx = ao.adafactor(",
-      "    factor_rule=rule,",
-      "    learning_rate=lr)",
-      "```",
-      "A whole second moment for every parameter, the cost of Adam:",
-      "```python",
-      "tx = ao.adafactor(factor_rule=lambda path, shape: None)",
-      "```",
-  ])
+  text = """\
+Some prose with `ao.adafactor(factor_rule=ao.stacked_layers())` inline.
+The argument `factor_rule=` by name only.
+```python
+import adafactor_optax as ao
+def rule(path, shape):
+  return None  # keeps the whole second moment, on purpose
+tx = ao.adafactor(
+    factor_rule=rule,
+    learning_rate=lr)
+```
+A whole second moment for every parameter, the cost of Adam:
+```python
+tx = ao.adafactor(factor_rule=lambda path, shape: None)
+```
+"""
   found = []
   for code, before in _markdown_snippets(text):
     for m in re.finditer(r"\bfactor_rule\s*=(?!=)", code):
