@@ -138,12 +138,13 @@ def stacked_layers(rank: int = 3) -> Rule:
   """The rule for scanned layer stacks: each layer its own matrix, the rest by default.
 
   A parameter of rank `rank` is taken as a stack of matrices: its last two
-  axes are factored and its leading ``rank - 2`` axes (the layer axis of
-  ``nn.scan``) are batch axes, so every layer has its own statistics,
-  clipping RMS and parameter scale, as if given as a separate parameter
+  axes are factored (whatever their sizes) and its leading ``rank - 2`` axes
+  (the layer axis of ``nn.scan``) are batch axes, so every layer has its own
+  statistics, clipping RMS and parameter scale, as a separate matrix would
   (``FactorSpec(-2, -1, batch=(0,))`` for rank 3). Every other parameter gets
   `DEFAULT_FACTORING`: the embedding, the output projection and any other
-  matrix stay factored as with no rule.
+  matrix stay factored as with no rule, and the state is the default rule's
+  (batch axes cost no state).
 
   Args:
     rank: the rank of the stacked parameters (3: layers x rows x columns).
