@@ -70,7 +70,6 @@ the optimizer the rule is given to, so a rule that names only the parameters
 it cares about keeps every other one as factored as with no rule at all.
 Returning None instead keeps the whole second moment (n x m values, not
 n + m). Also allowed as a leaf of a pytree of specs.
-
 """
 
 Answer = FactorSpec | None | _Default
