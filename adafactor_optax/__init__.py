@@ -9,11 +9,13 @@ from adafactor_optax._diagnostics import (
 )
 from adafactor_optax._factored import FactoredMoment, ScaleByFactoredRmsState, scale_by_factored_rms
 from adafactor_optax._factoring import (
+    DEFAULT_FACTORING,
     FactorSpec,
     factored_axes,
     factoring_report,
     largest_two_axes,
     last_two_axes,
+    stacked_layers,
 )
 from adafactor_optax._finite import SkipNonFiniteState, skip_non_finite
 from adafactor_optax._momentum import EmaMomentumState, ema_momentum
@@ -26,6 +28,7 @@ from adafactor_optax._step_size import RelativeStepSizeState, relative_step_size
 __version__ = "0.2.0"
 
 __all__ = (
+    "DEFAULT_FACTORING",
     "AdafactorDiagnosticsState",
     "BlockQuantized",
     "EmaMomentumState",
@@ -50,6 +53,7 @@ __all__ = (
     "relative_step_size",
     "scale_by_factored_rms",
     "skip_non_finite",
+    "stacked_layers",
     "state_partition_specs",
     "state_shardings",
     "stochastic_rounding",

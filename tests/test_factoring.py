@@ -27,7 +27,11 @@ def test_scanned_stack_optax_factors_the_layer_axis_ours_with_a_one_line_rule():
   assert nu.v_row == (256, 4096, 1) and nu.v_col == (256, 1, 128)  # each layer its own 4096 x 128
 
 
-def test_stacked_layers_with_batch_rule_equal_separate_layers():
+@pytest.mark.parametrize("rule", [
+    lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None,
+    ao.stacked_layers(),
+])
+def test_stacked_layers_with_batch_rule_equal_separate_layers(rule):
   """A (layers, d, f) stack with the per-layer rule steps exactly like the layers apart:
   statistics, clipping RMS and parameter scale all per layer slice."""
   rng = np.random.default_rng(0)
@@ -35,7 +39,6 @@ def test_stacked_layers_with_batch_rule_equal_separate_layers():
   stack = (rng.standard_normal((layers, *shape)) * np.array([0.01, 1.0, 0.0])[:, None, None])
   grads = [rng.standard_normal((layers, *shape)) * np.array([1e-3, 1.0, 1e2])[:, None, None]
            for _ in range(6)]
-  rule = lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None
   stacked = helpers.run_scan(ao.adafactor(factor_rule=rule), {"stack": np.float32(stack)},
                              helpers.stack([{"stack": np.float32(g)} for g in grads]))[2][1]
   apart = helpers.run_scan(
@@ -123,10 +126,41 @@ def test_factoring_report():
   rule = lambda path, shape: ao.FactorSpec(1, 2, batch=(0,)) if len(shape) == 3 else None
   report = ao.factoring_report(params, ao.adafactor(factor_rule=rule), rule)
   lines = report.splitlines()
-  assert "| ['embed'] | (32000, 512) | no | 65,536,000 | 131,072,000 |" in lines
+  # None keeps the embedding whole, 32000 x 512 floats where the default keeps 32000 + 512:
+  # 65,536,000 - 130,048 = 65,405,952 bytes more, flagged in the row and summed below.
+  assert ("| ['embed'] | (32000, 512) | **no** (default: rows 0, cols 1; +65,405,952 bytes) "
+          "| 65,536,000 | 131,072,000 |") in lines
   # 12 layers x (512 + 2048) float32 statistics; Adam: 2 bf16 values per parameter.
   assert "| ['stack'] | (12, 512, 2048) | rows 1, cols 2, batch (0,) | 122,880 | 50,331,648 |" in lines
-  assert lines[-1].startswith("| total (whole state) |")
+  assert "| ['norm'] | (512,) | no | 2,048 | 4,096 |" in lines  # a vector: nothing to flag
+  assert lines[-3].startswith("| total (whole state) |") and lines[-2] == ""
+  assert lines[-1] == ("**1 matrix kept whole that the default rule factors: "
+                       "+65,405,952 bytes of state.**")
+
+
+def test_factoring_report_flags_nothing_for_the_stacked_layers_rule():
+  """With `stacked_layers` the embedding keeps the default's 32000 + 512 floats and the
+  whole state is the default rule's to the byte: batch axes cost no state."""
+  params = {
+      "embed": jax.ShapeDtypeStruct((32000, 512), jnp.float32),
+      "stack": jax.ShapeDtypeStruct((12, 512, 2048), jnp.float32),
+  }
+  rule = ao.stacked_layers()
+  lines = ao.factoring_report(params, ao.adafactor(factor_rule=rule), rule).splitlines()
+  assert "| ['embed'] | (32000, 512) | rows 0, cols 1 | 130,048 | 131,072,000 |" in lines
+  assert "| ['stack'] | (12, 512, 2048) | rows 1, cols 2, batch (0,) | 122,880 | 100,663,296 |" in lines
+  assert lines[-1].startswith("| total (whole state) | | | 252,936 |")  # 130,048 + 122,880 + 8
+  assert lines[-1] == ao.factoring_report(params, ao.adafactor()).splitlines()[-1]
+
+
+def test_factoring_report_compares_with_the_default_at_a_given_min_dim():
+  """A 64 x 40 matrix kept whole is a cost only against a default that factors it."""
+  params = {"w": jax.ShapeDtypeStruct((64, 40), jnp.float32)}
+  whole = ao.adafactor(factor_rule=lambda path, shape: None)
+  assert "**" not in ao.factoring_report(params, whole)  # 40 < 128: the default keeps it too
+  lines = ao.factoring_report(params, whole, min_dim_size_to_factor=32).splitlines()
+  # 64 x 40 floats kept, 64 + 40 by the default: (2560 - 104) * 4 = 9,824 bytes more.
+  assert "| ['w'] | (64, 40) | **no** (default: rows 0, cols 1; +9,824 bytes) |" in lines[2]
 
 
 def test_factoring_report_reads_the_decision_from_tx():
@@ -151,3 +185,55 @@ def test_factoring_report_rejects_a_rule_tx_does_not_use():
   params = {"w": jax.ShapeDtypeStruct((64, 40), jnp.float32)}
   with pytest.raises(ValueError, match=r"\['w'\]"):
     ao.factoring_report(params, ao.adafactor(), lambda path, shape: ao.FactorSpec(0, 1))
+
+
+def test_default_factoring_is_the_default_rule_at_the_optimizers_min_dim():
+  """A rule answering DEFAULT_FACTORING everywhere gives the state of no rule at all,
+  for the min_dim_size_to_factor of the optimizer it is given to; None stays "whole"."""
+  params = {"w": jnp.ones((64, 40)), "big": jnp.ones((300, 200)), "b": jnp.ones(5)}
+  default = lambda path, shape: ao.DEFAULT_FACTORING
+  for min_dim in (None, 32):
+    assert (_state_shapes(ao.adafactor(factor_rule=default, min_dim_size_to_factor=min_dim),
+                          params)
+            == _state_shapes(ao.adafactor(min_dim_size_to_factor=min_dim), params))
+  shapes = _state_shapes(ao.adafactor(factor_rule=default, min_dim_size_to_factor=32), params)
+  assert shapes["w"] == ao.FactoredMoment((64, 1), (1, 40))  # 40 >= 32: factored
+  tx = ao.scale_by_factored_rms(factor_rule=default, min_dim_size_to_factor=32)
+  assert jax.tree.map(jnp.shape, tx.init(params).nu)["w"] == ao.FactoredMoment((64, 1), (1, 40))
+  whole = _state_shapes(ao.adafactor(factor_rule=lambda path, shape: None), params)
+  assert whole["big"] == (300, 200)
+  # As a leaf of a pytree of specs.
+  specs = {"w": ao.FactorSpec(1, 0), "big": ao.DEFAULT_FACTORING, "b": None}
+  shapes = _state_shapes(ao.adafactor(factor_rule=specs), params)
+  assert shapes == {"w": ao.FactoredMoment((1, 40), (64, 1)),
+                    "big": ao.FactoredMoment((300, 1), (1, 200)), "b": (5,)}
+
+
+def test_a_rule_is_asked_once_per_parameter_whatever_min_dim():
+  calls = []
+
+  def rule(path, shape):
+    calls.append(jax.tree_util.keystr(path))
+    return ao.DEFAULT_FACTORING
+
+  params = {"w": jnp.ones((64, 40)), "b": jnp.ones(5)}
+  tx = ao.adafactor(factor_rule=rule, min_dim_size_to_factor=32, diagnostics=True)
+  state = tx.init(params)
+  tx.update(params, state, params)
+  assert sorted(calls) == ["['b']", "['w']"]
+
+
+def test_stacked_layers_rule():
+  rule = ao.stacked_layers()
+  assert rule((), (12, 512, 2048)) == ao.FactorSpec(-2, -1, batch=(0,))
+  assert rule((), (32000, 512)) is ao.DEFAULT_FACTORING and rule((), (512,)) is ao.DEFAULT_FACTORING
+  # Nested scans: every leading axis is a layer axis.
+  assert ao.stacked_layers(rank=4)((), (2, 6, 512, 2048)) == ao.FactorSpec(-2, -1, batch=(0, 1))
+  assert ao.stacked_layers(rank=4)((), (6, 512, 2048)) is ao.DEFAULT_FACTORING
+  with pytest.raises(ValueError, match="rank"):
+    ao.stacked_layers(rank=2)
+  params = {"embed": jax.ShapeDtypeStruct((1000, 256), jnp.float32),
+            "stack": jax.ShapeDtypeStruct((4, 256, 512), jnp.float32)}
+  shapes = _state_shapes(ao.adafactor(factor_rule=rule), params)
+  assert shapes == {"embed": ao.FactoredMoment((1000, 1), (1, 256)),
+                    "stack": ao.FactoredMoment((4, 256, 1), (4, 1, 512))}
