@@ -15,6 +15,7 @@ from adafactor_optax._factoring import (
     largest_two_axes,
     last_two_axes,
 )
+from adafactor_optax._flax import with_flax_metadata
 from adafactor_optax._finite import SkipNonFiniteState, skip_non_finite
 from adafactor_optax._momentum import EmaMomentumState, ema_momentum
 from adafactor_optax._quantize import BlockQuantized
@@ -53,4 +54,5 @@ __all__ = (
     "state_partition_specs",
     "state_shardings",
     "stochastic_rounding",
+    "with_flax_metadata",
 )
