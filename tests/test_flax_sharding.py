@@ -16,6 +16,7 @@ axes, four optimizer configurations, 5 jitted donated steps each.
 """
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -262,3 +263,21 @@ def test_optax_adafactor_fails_the_same_pattern(devices, mesh, mode, pattern):
   (r,) = [r for r in results_for(devices, mesh, mode, pattern)
           if r["optimizer"] == "optax.adafactor"]
   assert r["outcome"] != "ok", r
+
+
+# The runnable examples (2 simulated devices each, set by the example itself).
+
+@pytest.mark.parametrize("command", [["examples/flax_linen_sharding.py"],
+                                     ["examples/flax_nnx_sharding.py", "explicit"],
+                                     ["examples/flax_nnx_sharding.py", "auto"]], ids=" ".join)
+def test_flax_sharding_example_runs_and_trains(command):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      [str(helpers.ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  env.pop("XLA_FLAGS", None)
+  run = subprocess.run([sys.executable, *command], cwd=helpers.ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", run.stdout)]
+  assert len(losses) == 5 and losses[-1] < 0.5 * losses[0], losses
+  assert "v_row ('data', None) v_col (None, 'model')" in run.stdout
+  assert "state placed as ao.state_shardings says: True" in run.stdout
