@@ -235,15 +235,15 @@ def with_flax_metadata(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    _shapes.check_arrays("init", "parameter", unbox(params))
+    _shapes.check_arrays("tx.init", "parameter", unbox(params))
     if not has_boxes(params):
       return inner.init(params)
     return box_state(inner.init(unbox(params)), params)
 
   def update_fn(updates, state, params=None, **extra_args):
-    _shapes.check_arrays("update", "update", unbox(updates))
+    _shapes.check_arrays("tx.update", "update", unbox(updates))
     if params is not None:
-      _shapes.check_arrays("update", "parameter", unbox(params))
+      _shapes.check_arrays("tx.update", "parameter", unbox(params))
     if not has_boxes((updates, state, params)):
       return inner.update(updates, state, params, **extra_args)
     new_updates, new_state = inner.update(
