@@ -281,3 +281,39 @@ def test_flax_sharding_example_runs_and_trains(command):
   assert len(losses) == 5 and losses[-1] < 0.5 * losses[0], losses
   assert "v_row ('data', None) v_col (None, 'model')" in run.stdout
   assert "state placed as ao.state_shardings says: True" in run.stdout
+
+
+@pytest.mark.parametrize("mode", (AxisType.Explicit, AxisType.Auto), ids=lambda m: m.name)
+def test_int8_momentum_with_fewer_blocks_than_devices(mode):
+  """A (1024, 512) kernel sharded 8-way along its 512 columns has 4 int8 blocks per
+  row: under Explicit axes the block reshape must say where its result lies (it
+  raised ShardingTypeError, so nnx.Optimizer with int8 momentum failed on a
+  (1, 8) mesh). The scales' block axis is replicated, as state_shardings says."""
+  tx = ao.adafactor(momentum=0.9, dtype_momentum="int8")
+  rng = np.random.default_rng(0)
+  params = {"w": rng.standard_normal((1024, 512)).astype(np.float32)}
+  grads = {"w": rng.standard_normal((1024, 512)).astype(np.float32)}
+
+  def step(p, g, s):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  want_params, want_state = jax.jit(step)(params, grads, tx.init(params))
+  mesh = jax.make_mesh((1, 8), ("data", "model"), axis_types=(mode, mode))
+  sharding = {"w": jax.sharding.NamedSharding(mesh, P("data", "model"))}
+  with jax.set_mesh(mesh):
+    sharded = jax.device_put(params, sharding)
+    expected = ao.state_shardings(tx, sharded)
+    state = jax.jit(tx.init)(sharded)
+    got_params, got_state = jax.jit(step)(sharded, jax.device_put(grads, sharding), state)
+  assert optax.tree_utils.tree_get(expected, "ema")["w"].scales.spec == P("data", None)
+  for leaf, want in zip(jax.tree.leaves((state, got_state)), 2 * jax.tree.leaves(expected)):
+    assert leaf.sharding.is_equivalent_to(want, leaf.ndim), (leaf.shape, leaf.sharding, want)
+  ema, want_ema = (optax.tree_utils.tree_get(s, "ema")["w"] for s in (got_state, want_state))
+  np.testing.assert_allclose(ema.scales, want_ema.scales, rtol=1e-6)
+  # Sums in another order: an element may land on the next int8 level, never further;
+  # the momentum is of the scaled step, so its parameter then moves by that level,
+  # at most its block's scale / 127.
+  assert np.max(np.abs(np.asarray(ema.values, np.int32) - np.asarray(want_ema.values))) <= 1
+  level = np.max(want_ema.scales) / 127
+  np.testing.assert_allclose(got_params["w"], want_params["w"], rtol=1e-6, atol=1.01 * level)
