@@ -167,13 +167,15 @@ def _box_state_leaf(box: Any, leaf: Any, param_shape: tuple[int, ...]) -> Any:
   new = state_names(box, spec_names, tuple(leaf.shape), param_shape)
   if new is None:
     return leaf  # belongs to the parameter, but not of its shape: replicated
-  if _is_variable(box):
-    if isinstance(names, jax.sharding.NamedSharding):
-      new = jax.sharding.NamedSharding(names.mesh, PartitionSpec(*new))
-    elif isinstance(names, PartitionSpec):
-      new = PartitionSpec(*new)
-    return box.replace(leaf, out_sharding=new)
-  return box.replace(value=leaf, names=new)
+  if not _is_variable(box):
+    return box.replace(value=leaf, names=new)
+  # NNX's out_sharding, in the form it was given: names, a PartitionSpec or a NamedSharding.
+  out_sharding: Any = new
+  if isinstance(names, jax.sharding.NamedSharding):
+    out_sharding = jax.sharding.NamedSharding(names.mesh, PartitionSpec(*new))
+  elif isinstance(names, PartitionSpec):
+    out_sharding = PartitionSpec(*new)
+  return box.replace(leaf, out_sharding=out_sharding)
 
 
 def box_state(state: Any, boxed_params: Any) -> Any:

@@ -15,6 +15,7 @@ Flax patterns, FSDP, tensor-parallel and 2 x 4 meshes, Auto and Explicit
 axes, four optimizer configurations, 5 jitted donated steps each.
 """
 
+import contextlib
 import json
 import re
 import os
@@ -317,3 +318,19 @@ def test_int8_momentum_with_fewer_blocks_than_devices(mode):
   assert np.max(np.abs(np.asarray(ema.values, np.int32) - np.asarray(want_ema.values))) <= 1
   level = np.max(want_ema.scales) / 127
   np.testing.assert_allclose(got_params["w"], want_params["w"], rtol=1e-6, atol=1.01 * level)
+
+
+@pytest.mark.parametrize("form", ["names", "spec", "named_sharding"])
+def test_nnx_out_sharding_keeps_the_form_it_was_given_in(form):
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  make = {"names": lambda *n: n, "spec": P,
+          "named_sharding": lambda *n: jax.sharding.NamedSharding(mesh, P(*n))}[form]
+  # A NamedSharding brings its own mesh (Flax asserts it against a context mesh's).
+  context = contextlib.nullcontext() if form == "named_sharding" else jax.set_mesh(mesh)
+  with context:
+    params = {"w": nnx.Param(jnp.ones(KERNEL), out_sharding=make("data", "model"))}
+    state = ao.adafactor().init(params)
+  nu = state[0].nu["w"]
+  assert nu.v_row.get_metadata()["out_sharding"] == make("data", None)
+  assert nu.v_col.get_metadata()["out_sharding"] == make(None, "model")
+  assert isinstance(nu.v_row, nnx.Param) and nu.v_row.shape == (256, 1)
