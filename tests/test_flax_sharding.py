@@ -334,3 +334,15 @@ def test_nnx_out_sharding_keeps_the_form_it_was_given_in(form):
   assert nu.v_row.get_metadata()["out_sharding"] == make("data", None)
   assert nu.v_col.get_metadata()["out_sharding"] == make(None, "model")
   assert isinstance(nu.v_row, nnx.Param) and nu.v_row.shape == (256, 1)
+
+
+def test_linen_boxes_under_explicit_axes_fail_in_flax_itself():
+  """Why the linen patterns run under Auto axes only: with Explicit axes, linen's
+  own model.init fails on its boxes (their unbox applies with_sharding_constraint,
+  an assert there), before any optimizer is involved. When Flax lifts this, add
+  Explicit to the linen cases of the worker."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  dense = nn.Dense(512, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(),
+                                                         ("data", "model")))
+  with jax.set_mesh(mesh), pytest.raises(AssertionError, match="with_sharding_constraint"):
+    jax.eval_shape(dense.init, jax.random.key(0), jnp.ones((4, 256)))
