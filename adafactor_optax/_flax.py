@@ -96,18 +96,14 @@ def _names_of(box: Any) -> Any:
 
 
 def _mesh_sizes(box: Any) -> dict[str, int]:
-  """Sizes of the mesh axes the box's names refer to: its own mesh, else the current one."""
+  """Sizes of the mesh axes the box's names refer to: its own mesh, else `jax.set_mesh`'s.
+
+  Empty when neither is known; the names are then kept as they are, as
+  `state_partition_specs` keeps them (it knows no mesh either).
+  """
   mesh = box.get_metadata().get("mesh") if _is_variable(box) else getattr(box, "mesh", None)
   if mesh is None:
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.axis_names:
-      global_mesh = getattr(sys.modules.get("flax.core.meta"), "global_mesh_defined", None)
-      mesh = None
-      if global_mesh is not None and global_mesh():
-        from jax.interpreters import pxla  # the legacy `with mesh:` context  # noqa: PLC0415
-        mesh = pxla.thread_resources.env.physical_mesh
-  if mesh is None or not mesh.axis_names:
-    return {}
   return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
@@ -213,7 +209,10 @@ def with_flax_metadata(
   installed, it is `inner` itself.
 
   `adafactor` applies it already; wrap a chain of this package's transforms
-  (``with_flax_metadata(optax.chain(...))``) the same way.
+  (``with_flax_metadata(optax.chain(...))``) the same way. Call `init` under
+  ``jax.set_mesh`` (or give the boxes a mesh): only then are the mesh's axis
+  sizes known, which decide whether an int8 block axis with fewer blocks than
+  devices keeps its name.
 
   Args:
     inner: the transformation.
