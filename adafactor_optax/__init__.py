@@ -17,6 +17,7 @@ from adafactor_optax._factoring import (
     last_two_axes,
     stacked_layers,
 )
+from adafactor_optax._flax import with_flax_metadata
 from adafactor_optax._finite import SkipNonFiniteState, skip_non_finite
 from adafactor_optax._momentum import EmaMomentumState, ema_momentum
 from adafactor_optax._quantize import BlockQuantized
@@ -57,4 +58,5 @@ __all__ = (
     "state_partition_specs",
     "state_shardings",
     "stochastic_rounding",
+    "with_flax_metadata",
 )

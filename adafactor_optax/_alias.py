@@ -11,6 +11,7 @@ from adafactor_optax import (
   _factored,
   _factoring,
   _finite,
+  _flax,
   _momentum,
   _numerics,
   _rounding,
@@ -198,4 +199,5 @@ def adafactor(
         factor_rule=factor_rule if factored else None,
     ))
   chain = optax.chain(*tx)
-  return _finite.skip_non_finite(chain) if skip_non_finite else chain
+  # Boxed (Flax) parameters: a state whose metadata fits each of its own arrays.
+  return _flax.with_flax_metadata(_finite.skip_non_finite(chain) if skip_non_finite else chain)

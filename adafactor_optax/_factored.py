@@ -158,6 +158,8 @@ def precondition(grad: jax.Array, nu: Any, row_mean: Any = None) -> jax.Array:
 
 
 def _check_params_dtypes(params: optax.Params) -> None:
+  _shapes.check_arrays("scale_by_factored_rms", "parameter", params)
+
   def check(path, p):
     if not jnp.issubdtype(p.dtype, jnp.inexact):
       raise TypeError(

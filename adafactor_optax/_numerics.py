@@ -82,9 +82,49 @@ def block_rms(x: jax.Array, batch_axes: tuple[int, ...] = ()) -> jax.Array:
   """
   squares = jnp.square(jnp.abs(upcast(x)))
   if not batch_axes:
-    return jnp.sqrt(jnp.mean(squares))
+    return safe_sqrt(jnp.mean(squares))
   block = tuple(a for a in range(x.ndim) if a not in batch_axes)
-  return jnp.sqrt(jnp.mean(squares, axis=block, keepdims=True))
+  return safe_sqrt(jnp.mean(squares, axis=block, keepdims=True))
+
+
+@jax.custom_jvp
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """``sqrt(x)`` for ``x >= 0``, whose derivative at 0 is 0 instead of infinite.
+
+  RMS(X) of a zero-initialised parameter (a bias) is ``sqrt(0)``; through
+  `jax.grad` the infinite derivative of sqrt there meets the zero derivative
+  of ``mean(X^2)`` and gives NaN (inf * 0), which spreads to every
+  meta-gradient (a learning rate, an initialisation) taken through an update.
+  0 is the derivative of RMS along every direction in which it is smooth at
+  X = 0 (the subgradient of a norm there that is closest to 0), and in Adafactor the
+  parameter scale ``max(eps2, RMS(X))`` is flat below eps2 anyway. The value
+  is ``jnp.sqrt(x)`` itself, bit for bit, and inside the same fusion.
+
+  Args:
+    x: non-negative values (a mean of squares).
+
+  Returns:
+    ``jnp.sqrt(x)``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from adafactor_optax import _numerics
+    >>> float(jax.grad(_numerics.safe_sqrt)(jnp.float32(0.0)))
+    0.0
+    >>> float(jax.grad(_numerics.safe_sqrt)(jnp.float32(4.0)))  # 1 / (2 sqrt(4))
+    0.25
+  """
+  return jnp.sqrt(x)
+
+
+@safe_sqrt.defjvp
+def _safe_sqrt_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  y = jnp.sqrt(x)
+  positive = x > 0
+  # The where keeps 1 / (2 y) from being evaluated at y = 0 (inf * 0 = NaN).
+  slope = jnp.where(positive, 0.5 / jnp.where(positive, y, 1).astype(y.dtype), 0).astype(y.dtype)
+  return y, slope * t
 
 
 def concrete_value(value: Any) -> float | None:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 BLOCK_SIZE = 128
 _LEVELS = 127  # int8 values in [-127, 127]: symmetric around zero
@@ -55,12 +56,57 @@ def scales_shape(shape: Sequence[int]) -> tuple[int, ...]:
   return shape[:-1] + (num_blocks(shape),) if shape else ()
 
 
+def _explicit_spec(x: jax.Array) -> Any:
+  """`x`'s `PartitionSpec` when it is sharded over Explicit mesh axes, else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(entry is None for entry in spec):
+    return None  # Auto mode (the propagator decides), or unsharded
+  return spec
+
+
+def _axis_devices(entry: Any, mesh: Any) -> int:
+  names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  count = 1
+  for name in names:
+    count *= sizes[name]
+  return count
+
+
 def _blocks(x: jax.Array) -> jax.Array:
-  """`x` as ``(..., blocks, block_size)``; a scalar as ``(1, 1)``."""
+  """`x` as ``(..., blocks, block_size)``; a scalar as ``(1, 1)``.
+
+  Under Explicit mesh axes the reshape states where its result lies: the last
+  axis' mesh axes move to the block axis when they divide the number of
+  blocks, else that axis is gathered (an int8 momentum with fewer blocks than
+  devices along it), as `state_shardings` replicates its scales.
+  """
   if x.ndim == 0:
     return x.reshape(1, 1)
   nb = num_blocks(x.shape)
-  return x.reshape(x.shape[:-1] + (nb, x.shape[-1] // nb))
+  shape = x.shape[:-1] + (nb, x.shape[-1] // nb)
+  spec = _explicit_spec(x)
+  if spec is None:
+    return x.reshape(shape)
+  entries = tuple(spec) + (None,) * (x.ndim - len(spec))
+  last = entries[-1]
+  if nb % _axis_devices(last, jax.typeof(x).sharding.mesh):
+    last = None
+  return jax.lax.reshape(x, shape, out_sharding=_on_mesh_of(x, (*entries[:-1], last, None)))
+
+
+def _unblocks(blocks: jax.Array, like: jax.Array) -> jax.Array:
+  """`blocks` back in the shape of `like`, and under Explicit axes in its sharding."""
+  spec = _explicit_spec(like)
+  if spec is None:
+    return blocks.reshape(like.shape)
+  return jax.lax.reshape(blocks, like.shape, out_sharding=_on_mesh_of(like, tuple(spec)))
+
+
+def _on_mesh_of(x: jax.Array, entries: tuple[Any, ...]) -> NamedSharding:
+  """A sharding on `x`'s mesh: a bare PartitionSpec needs a mesh context, eager code has none."""
+  return NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec(*entries))
 
 
 def quantize(x: jax.Array) -> BlockQuantized:
@@ -69,7 +115,7 @@ def quantize(x: jax.Array) -> BlockQuantized:
   scales = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True, initial=0)
   inverse = jnp.where(scales > 0, _LEVELS / scales, 0).astype(blocks.dtype)
   values = jnp.round(blocks * inverse).astype(jnp.int8)
-  return BlockQuantized(values.reshape(x.shape), scales.reshape(scales_shape(x.shape)))
+  return BlockQuantized(_unblocks(values, x), scales.reshape(scales_shape(x.shape)))
 
 
 def is_quantized(x: Any) -> bool:
@@ -88,7 +134,7 @@ def dequantize(q: BlockQuantized, dtype=jnp.float32) -> jax.Array:
     q = BlockQuantized(q["values"], q["scales"])
   blocks = _blocks(q.values).astype(jnp.float32)
   step = (q.scales.reshape(blocks.shape[:-1] + (1,)) / _LEVELS).astype(jnp.float32)
-  return (blocks * step).reshape(q.values.shape).astype(dtype)
+  return _unblocks(blocks * step, q.values).astype(dtype)
 
 
 def zeros_like_param(param: jax.Array) -> BlockQuantized:

@@ -71,3 +71,34 @@ def check_floating(transform: str, what: str, tree: Any) -> None:
           f"{transform}: {what} {jax.tree_util.keystr(path)} has dtype {dtype}; "
           f"{what}s must be floating-point or complex."
       )
+
+
+def is_array(x: Any) -> bool:
+  """Whether `x` is an array: a `jax.Array`, tracer, NumPy array or `jax.ShapeDtypeStruct`."""
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def check_arrays(transform: str, what: str, tree: Any) -> None:
+  """Raises ValueError naming the first leaf of `tree` that is not an array.
+
+  A model object handed over whole (an equinox module, whose activation
+  functions are leaves; a config string or number among the parameters)
+  otherwise fails on its first ``.dtype`` with a bare AttributeError.
+
+  Args:
+    transform: what is being called ("init", "update").
+    what: what the leaves of `tree` are ("parameter", "update").
+    tree: the pytree to check.
+
+  Raises:
+    ValueError: for a leaf that is not an array, naming its path, its type and
+      what to pass instead.
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not is_array(leaf):
+      raise ValueError(
+          f"{transform}: {what} {jax.tree_util.keystr(path)} is a {type(leaf).__qualname__} "
+          f"({leaf!r:.60}), not an array. Give the optimizer a tree of arrays only: leave "
+          "other leaves out of it (for an equinox module, "
+          "eqx.filter(model, eqx.is_inexact_array)), or replace them by None."
+      )

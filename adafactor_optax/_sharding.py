@@ -21,6 +21,11 @@ Two halves of the same rule live here:
   without running anything (`jax.eval_shape`), for `out_shardings`, for
   checkpoint restore targets, and for any other place that needs the state's
   shardings before the state exists.
+
+Flax trainers that read the state's shardings from the state itself (linen's
+boxes over a whole TrainState, NNX's Variable metadata) need neither:
+`with_flax_metadata` (`_flax.py`, applied by `adafactor`) boxes each state
+array with names by this same rule.
 """
 
 from collections.abc import Sequence

@@ -233,3 +233,30 @@ def test_nnx_scan_stack_trains():
     params, opt_state, loss = train_step(params, opt_state)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0]
+
+
+# A model object handed over whole (an equinox module, whose activation functions
+# are leaves; a config string among the parameters): a ValueError that names the
+# leaf, its type and what to pass instead, never a bare AttributeError on .dtype.
+
+NON_ARRAYS = {"jitted_function": jax.nn.relu, "lambda": lambda x: x, "string": "relu",
+              "object": object()}
+
+
+@pytest.mark.parametrize("leaf", NON_ARRAYS.values(), ids=NON_ARRAYS.keys())
+@pytest.mark.parametrize("tx", [ao.adafactor(1e-2), ao.scale_by_factored_rms()],
+                         ids=["adafactor", "scale_by_factored_rms"])
+def test_init_names_a_leaf_that_is_not_an_array(tx, leaf):
+  params = {"w": jnp.ones((3,)), "model": {"act": leaf}}
+  with pytest.raises(ValueError, match=r"parameter \['model'\]\['act'\] is a "
+                     + type(leaf).__qualname__ + r" .*eqx\.filter\(model, eqx\.is_inexact_array\)"):
+    tx.init(params)
+
+
+def test_update_names_a_leaf_that_is_not_an_array():
+  tx, params = ao.adafactor(1e-2), {"w": jnp.ones((3,))}
+  state = tx.init(params)
+  with pytest.raises(ValueError, match=r"update \['act'\] is a function"):
+    tx.update({"w": jnp.ones((3,)), "act": lambda x: x}, state, params)
+  with pytest.raises(ValueError, match=r"parameter \['act'\] is a str"):
+    tx.update({"w": jnp.ones((3,))}, state, {"w": jnp.ones((3,)), "act": "relu"})
