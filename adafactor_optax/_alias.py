@@ -20,6 +20,26 @@ from adafactor_optax import (
 )
 
 
+def _check_hyperparameters(learning_rate, multiply_by_parameter_scale, weight_decay_rate,
+                           momentum, clipping_threshold, max_relative_step) -> None:
+  """`adafactor`'s own checks (the links check the rest): a ValueError naming the argument."""
+  if learning_rate is None and not multiply_by_parameter_scale:
+    raise ValueError(
+        "learning_rate=None (the relative step) needs multiply_by_parameter_scale"
+        "=True; give an absolute learning_rate to turn the parameter scale off."
+    )
+  if learning_rate is not None and not callable(learning_rate):
+    _numerics.check("learning_rate", learning_rate, lambda s: s >= 0, ">= 0")
+  if weight_decay_rate is not None and not callable(weight_decay_rate):
+    _numerics.check("weight_decay_rate", weight_decay_rate, lambda w: w >= 0, ">= 0")
+  if momentum is not None:
+    _numerics.check("momentum", momentum, lambda b: 0 <= b < 1, "in [0, 1)")
+  if clipping_threshold is not None:
+    _numerics.check("clipping_threshold", clipping_threshold, lambda d: d > 0, "> 0")
+  if learning_rate is None:
+    _numerics.check("max_relative_step", max_relative_step, lambda s: s > 0, "> 0")
+
+
 def adafactor(
     learning_rate: optax.ScalarOrSchedule | None = None,
     min_dim_size_to_factor: int | None = None,
@@ -135,21 +155,8 @@ def adafactor(
     Shazeer & Stern, Adafactor: Adaptive Learning Rates with Sublinear Memory
     Cost, ICML 2018. https://arxiv.org/abs/1804.04235
   """
-  if learning_rate is None and not multiply_by_parameter_scale:
-    raise ValueError(
-        "learning_rate=None (the relative step) needs multiply_by_parameter_scale"
-        "=True; give an absolute learning_rate to turn the parameter scale off."
-    )
-  if learning_rate is not None and not callable(learning_rate):
-    _numerics.check("learning_rate", learning_rate, lambda s: s >= 0, ">= 0")
-  if weight_decay_rate is not None and not callable(weight_decay_rate):
-    _numerics.check("weight_decay_rate", weight_decay_rate, lambda w: w >= 0, ">= 0")
-  if momentum is not None:
-    _numerics.check("momentum", momentum, lambda b: 0 <= b < 1, "in [0, 1)")
-  if clipping_threshold is not None:
-    _numerics.check("clipping_threshold", clipping_threshold, lambda d: d > 0, "> 0")
-  if learning_rate is None:
-    _numerics.check("max_relative_step", max_relative_step, lambda s: s > 0, "> 0")
+  _check_hyperparameters(learning_rate, multiply_by_parameter_scale, weight_decay_rate,
+                         momentum, clipping_threshold, max_relative_step)
   if decay_schedule is None:
     _numerics.check("decay_rate", decay_rate, lambda c: c > 0, "> 0")
     decay_schedule = _schedules.increasing_decay(decay_rate, decay_offset)
@@ -176,13 +183,12 @@ def adafactor(
   if clip_apart and clipping_threshold is not None:  # the second test is for mypy
     tx.append(_clipping.clip_by_block_rms(
         clipping_threshold, factor_rule=factor_rule if factored else None))
-  if multiply_by_parameter_scale:
-    if learning_rate is None:
-      learning_rate = _schedules.inverse_sqrt_step(max_relative_step)
-    tx.append(_step_size.relative_step_size(
-        learning_rate, eps2=eps2, factor_rule=factor_rule if factored else None))
-  else:
-    tx.append(optax.scale_by_learning_rate(learning_rate, flip_sign=False))
+  if multiply_by_parameter_scale and learning_rate is None:
+    learning_rate = _schedules.inverse_sqrt_step(max_relative_step)
+  tx.append(_step_size.relative_step_size(
+      learning_rate, eps2=eps2, factor_rule=factor_rule if factored else None)
+            if multiply_by_parameter_scale
+            else optax.scale_by_learning_rate(learning_rate, flip_sign=False))
   if momentum is not None:
     tx.append(_momentum.ema_momentum(momentum, accumulator_dtype=dtype_momentum))
   if weight_decay_rate is not None:
