@@ -14,3 +14,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def _strict_jax():
   with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
     yield
+
+# A script run in a subprocess (its device count is its first argument), not a test module:
+# --doctest-modules would import it.
+collect_ignore = ["flax_sharding_worker.py"]
