@@ -251,3 +251,13 @@ def test_sharded_rounding_equals_single_device_without_communication(mode):
     assert np.mean(np.asarray(a.astype(jnp.float32)) != np.asarray(b.astype(jnp.float32))) < 1e-3
   assert sorted(test_sharding.collective_bytes(hlo)) == sorted(
       test_sharding.collective_bytes(hlo_nearest))
+
+
+def test_one_key_derivation_per_step_whatever_the_leaves():
+  """The leaves' bits are streams of one step key (`random_bits`' `stream`), not a
+  `fold_in` each: XLA:TPU runs every threefry as ~110 tiny instructions of its own."""
+  params = {f"w{i}": jnp.ones((8, 4), jnp.bfloat16) for i in range(6)}
+  tx = ao.stochastic_rounding()
+  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
+  names = [eqn.primitive.name for eqn in jaxpr.eqns]
+  assert names.count("random_fold_in") == 1, names
