@@ -12,6 +12,7 @@ n x 1, ``v_col`` is 1 x m), so their shapes say which axes they average over:
 """
 
 import collections.abc
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -228,6 +229,103 @@ def _constant(b2: jax.typing.ArrayLike) -> Callable[[jax.Array], jax.Array]:
   return schedule
 
 
+def _min_dim_size(min_dim_size_to_factor: int | None) -> int:
+  """`min_dim_size_to_factor` as a Python int (None: the default), or a ValueError if traced."""
+  if min_dim_size_to_factor is None:
+    return _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
+  if (min_dim := _numerics.concrete_value(min_dim_size_to_factor)) is None:
+    raise ValueError(
+        "min_dim_size_to_factor is traced, but the state's shapes depend on it. "
+        "optax.inject_hyperparams turns integers into traced hyperparameters inside "
+        "a jitted init: leave min_dim_size_to_factor at its default (None), call "
+        "init outside jit, or pass static_args=('min_dim_size_to_factor',)."
+    )
+  return int(min_dim)
+
+
+def init_moment(param: jax.Array, spec: Any, stats_dtype: Any = None) -> Any:
+  """Zero statistics for `param` under its `FactorSpec` `spec` (None: unfactored).
+
+  Placed like the parameter (`_sharding.zeros_like_param`): a `FactoredMoment`
+  for a factored spec, one array for an unfactored, row-only or column-only one.
+  """
+  dtype = _numerics.compute_dtype(param.dtype) if stats_dtype is None else stats_dtype
+  if spec is None:
+    return _sharding.zeros_like_param(param, param.shape, dtype)
+  v_row = _sharding.zeros_like_param(param, _with_unit_axis(param.shape, spec.col), dtype)
+  v_col = _sharding.zeros_like_param(param, _with_unit_axis(param.shape, spec.row), dtype)
+  return {"factored": FactoredMoment(v_row, v_col), "row": v_row, "col": v_col}[spec.estimate]
+
+
+def _is_whole(grad: jax.Array, nu: Any) -> bool:
+  """Whether `nu` is an unfactored second moment, elementwise in G (computed with the update)."""
+  return not isinstance(nu, FactoredMoment) and nu.shape == grad.shape
+
+
+def new_moments(
+    grads: list, moments: list, blocks: list, *, b2: jax.Array, eps: Any, plan: _grouping.Plan
+) -> tuple[list, list]:
+  """Each leaf's statistics after this step, and mean(R_t) where the plan recomputes it.
+
+  The row and column means of equally shaped leaves are reduced together
+  where the plan groups (`_grouping.map_stacked`); an unfactored leaf's
+  statistics are elementwise, computed with its update.
+
+  Returns:
+    The new statistics, and per leaf mean(R_t) (`row_mean_update`) or None.
+  """
+  keys = [_grouping.group_key([g, *jax.tree.leaves(v)], b)
+          if plan.grouped and not _is_whole(g, v) else None
+          for g, v, b in zip(grads, moments, blocks)]
+  (g_row,), (g_col,) = _grouping.unshared([grads], copies=2, plan=plan)
+  g_row, g_col = ([g if isinstance(v, FactoredMoment) else grad
+                   for g, grad, v in zip(xs, grads, moments)] for xs in (g_row, g_col))
+
+  def statistics(_, g_row, g_col, v):
+    means = mean_squares(g_row, g_col, v, eps)
+    if not (plan.from_inputs and isinstance(v, FactoredMoment)):
+      return means, None
+    return means, row_mean_update(v, means, b2)
+
+  stats = _grouping.map_stacked(statistics, keys, g_row, g_col, moments)
+  return [moving_average(v, m, b2) for v, (m, _) in zip(moments, stats)], [r for _, r in stats]
+
+
+def update_rms(
+    grads: list, old: list, new: list, row_means: list, blocks: list, *,
+    b2: jax.Array, eps: Any, plan: _grouping.Plan
+) -> list:
+  """RMS(U_t) per block of each leaf, for the clipping.
+
+  Of a U of its own, from unshared G and statistics where that keeps XLA
+  from writing one shared U to memory. With `from_inputs`, an unfactored V_t
+  is recomputed from V_{t-1} (`old`), so only the update writes it.
+  """
+
+  def u_of(g, v, r):
+    if _is_whole(g, v) and plan.from_inputs:
+      v = accumulate(g, v, b2, eps)  # V_{t-1} given: V_t recomputed
+    return precondition(g, v, r)
+
+  inputs = [o if plan.from_inputs and _is_whole(g, v) else v
+            for g, v, o in zip(grads, new, old)]
+  return _grouping.block_rms_per_leaf(
+      u_of, blocks, *_grouping.unshared([grads, inputs, row_means], plan=plan)[0], plan=plan)
+
+
+def factored_step(
+    grads: list, moments: list, *, blocks: list, b2: jax.Array, eps: Any,
+    clipping_threshold: Any, plan: _grouping.Plan
+) -> tuple[list, list]:
+  """One step on the flattened leaves: ``(U_t, clipped if asked; the new statistics)``."""
+  moments_t, row_means = new_moments(grads, moments, blocks, b2=b2, eps=eps, plan=plan)
+  updates = [precondition(g, v, r) for g, v, r in zip(grads, moments_t, row_means)]
+  if clipping_threshold is not None:
+    rms = update_rms(grads, moments, moments_t, row_means, blocks, b2=b2, eps=eps, plan=plan)
+    updates = [_clipping.clip_to_rms(u, r, clipping_threshold) for u, r in zip(updates, rms)]
+  return updates, moments_t
+
+
 def scale_by_factored_rms(
     *,
     decay: Callable[[jax.Array], jax.Array] | jax.typing.ArrayLike | None = None,
@@ -302,82 +400,26 @@ def scale_by_factored_rms(
     _numerics.check("decay", decay, lambda b: 0 <= b < 1, "in [0, 1) or a schedule")
     decay = _constant(decay)
 
-  def init_moment(path, param, rule):
-    dtype = _numerics.compute_dtype(param.dtype) if stats_dtype is None else stats_dtype
-    spec = rule(path, param.shape)
-    if spec is None:
-      return _sharding.zeros_like_param(param, param.shape, dtype)
-    v_row = _sharding.zeros_like_param(param, _with_unit_axis(param.shape, spec.col), dtype)
-    v_col = _sharding.zeros_like_param(param, _with_unit_axis(param.shape, spec.row), dtype)
-    return {"factored": FactoredMoment(v_row, v_col), "row": v_row, "col": v_col}[spec.estimate]
-
   def init_fn(params):
     _check_params_dtypes(params)
-    min_dim: float | None = min_dim_size_to_factor
-    if min_dim is None:
-      min_dim = _factoring.DEFAULT_MIN_DIM_SIZE_TO_FACTOR
-    elif (min_dim := _numerics.concrete_value(min_dim)) is None:
-      raise ValueError(
-          "min_dim_size_to_factor is traced, but the state's shapes depend on it. "
-          "optax.inject_hyperparams turns integers into traced hyperparameters inside "
-          "a jitted init: leave min_dim_size_to_factor at its default (None), call "
-          "init outside jit, or pass static_args=('min_dim_size_to_factor',)."
-      )
-    rule = _factoring.resolve(factor_rule, factored=factored, min_dim_size_to_factor=int(min_dim))
-    nu = jax.tree_util.tree_map_with_path(lambda path, p: init_moment(path, p, rule), params)
+    rule = _factoring.resolve(factor_rule, factored=factored,
+                              min_dim_size_to_factor=_min_dim_size(min_dim_size_to_factor))
+    nu = jax.tree_util.tree_map_with_path(
+        lambda path, p: init_moment(p, rule(path, p.shape), stats_dtype), params)
     return ScaleByFactoredRmsState(count=jnp.zeros([], jnp.int32), nu=nu)
 
   def update_fn(updates, state, params=None):
     del params
     nu = moments_like(updates, state.nu)
-    b2 = jnp.asarray(decay(state.count))
     paths_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
-    paths, grads = [p for p, _ in paths_grads], [g for _, g in paths_grads]
-    blocks = [_factoring.batch_axes(block_rule, p, g.shape) for p, g in zip(paths, grads)]
-
-    def step(grads, moments, *, plan):
-      # The reductions of equally shaped leaves run together (`_grouping`); an
-      # unfactored leaf's statistics are elementwise, computed with its update.
-      whole = [not isinstance(v, FactoredMoment) and v.shape == g.shape
-               for g, v in zip(grads, moments)]
-      keys = [_grouping.group_key([g, *jax.tree.leaves(v)], b) if plan.grouped and not w else None
-              for g, v, b, w in zip(grads, moments, blocks, whole)]
-      (g_row,), (g_col,) = _grouping.unshared([grads], copies=2, plan=plan)
-      g_row, g_col = ([g if isinstance(v, FactoredMoment) else grad
-                       for g, grad, v in zip(xs, grads, moments)] for xs in (g_row, g_col))
-
-      def statistics(_, g_row, g_col, v):
-        means = mean_squares(g_row, g_col, v, eps)
-        if not (plan.from_inputs and isinstance(v, FactoredMoment)):
-          return means, None
-        return means, row_mean_update(v, means, b2)
-
-      stats = _grouping.map_stacked(statistics, keys, g_row, g_col, moments)
-      old_moments = moments
-      moments = [moving_average(v, m, b2) for v, (m, _) in zip(moments, stats)]
-      row_means = [r for _, r in stats]
-      updates = [precondition(g, v, r) for g, v, r in zip(grads, moments, row_means)]
-      if clipping_threshold is not None:
-        # RMS(U) of a U of its own, from unshared G and statistics where that
-        # keeps XLA from writing one shared U to memory. With `from_inputs`,
-        # an unfactored V_t is recomputed from V_{t-1}.
-        def u_of(g, v, r):
-          if not isinstance(v, FactoredMoment) and v.shape == g.shape and plan.from_inputs:
-            v = accumulate(g, v, b2, eps)  # V_{t-1} given: V_t recomputed
-          return precondition(g, v, r)
-
-        inputs = [old if plan.from_inputs and w else v
-                  for v, old, w in zip(moments, old_moments, whole)]
-        rms = _grouping.block_rms_per_leaf(
-            u_of, blocks, *_grouping.unshared([grads, inputs, row_means], plan=plan)[0],
-            plan=plan)
-        updates = [_clipping.clip_to_rms(u, r, clipping_threshold) for u, r in zip(updates, rms)]
-      return updates, moments
-
-    moments = treedef.flatten_up_to(nu)  # type: ignore[attr-defined]  # (no stub)
-    updates, moments = _grouping.per_backend(step, grads, moments)
-    new_nu = jax.tree.unflatten(treedef, moments)
-    return jax.tree.unflatten(treedef, updates), ScaleByFactoredRmsState(
-        optax.safe_increment(state.count), new_nu)
+    step = functools.partial(
+        factored_step, blocks=[_factoring.batch_axes(block_rule, p, g.shape)
+                               for p, g in paths_grads],
+        b2=jnp.asarray(decay(state.count)), eps=eps, clipping_threshold=clipping_threshold)
+    new_updates, moments = _grouping.per_backend(
+        step, [g for _, g in paths_grads],
+        treedef.flatten_up_to(nu))  # type: ignore[attr-defined]  # (no stub)
+    return jax.tree.unflatten(treedef, new_updates), ScaleByFactoredRmsState(
+        optax.safe_increment(state.count), jax.tree.unflatten(treedef, moments))
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -96,18 +96,21 @@ def rounded_update(param: jax.Array, update: jax.Array, bits: jax.Array) -> jax.
   return (new.astype(wide) - x).astype(update.dtype)
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def random_bits(key: jax.Array, shape: tuple[int, ...], stream: int = 0) -> jax.Array:
   """Random uint32 of `shape` from a JAX key, computed where they are used.
 
-  Element ``i`` is a hash of the key's two words and of i's index along each
-  axis (the ``lowbias32`` integer hash of C. Wellons, applied once per axis):
-  elementwise arithmetic on ``iota``s, so XLA fuses it into the rounding that
-  reads it (`jax.random.bits`' threefry is written to memory on XLA:CPU, a
-  buffer of the parameter's size), and each device of a sharded computation
-  computes only its own shard's values, equal to those on one device.
+  Element ``i`` is a hash of the key's two words, of `stream` and of i's index
+  along each axis (the ``lowbias32`` integer hash of C. Wellons, applied once
+  per axis): elementwise arithmetic on ``iota``s, so XLA fuses it into the
+  rounding that reads it (`jax.random.bits`' threefry is written to memory on
+  XLA:CPU, a buffer of the parameter's size), and each device of a sharded
+  computation computes only its own shard's values, equal to those on one
+  device. Different streams (one per leaf) of one key are different hashes:
+  a key derived per leaf with `jax.random.fold_in` would cost a threefry per
+  leaf, which XLA:TPU runs as ~110 separate tiny instructions.
   """
   k = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
-  h = jnp.full(shape, k[0], jnp.uint32)
+  h = jnp.full(shape, _mix32(k[0] + jnp.uint32(stream)), jnp.uint32)
   for axis in range(len(shape)):
     h = _mix32(h + jax.lax.broadcasted_iota(jnp.uint32, shape, axis))
   return _mix32(h ^ k[-1])
@@ -142,12 +145,13 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
   addition in `apply_updates` is exact). Float32, float64 and complex
   parameters get their updates back untouched.
 
-  The random bits come from ``fold_in(fold_in(key(seed), count), leaf index)``,
-  with `count` the number of updates so far, kept in the state: no key is
-  passed to `update`, and a resumed run draws the same bits (bit-identical).
-  Each element's bits are a hash of that key and of its index
-  (`random_bits`): under sharding each device computes only its own shard's
-  bits, the same as on one device, with no communication.
+  The random bits come from ``fold_in(key(seed), count)``, with `count` the
+  number of updates so far, kept in the state: no key is passed to `update`,
+  and a resumed run draws the same bits (bit-identical). Each element's bits
+  are a hash of that key, of the leaf's position in the tree and of the
+  element's index (`random_bits`): leaves of one shape draw independent bits,
+  and under sharding each device computes only its own shard's bits, the same
+  as on one device, with no communication.
 
   Args:
     seed: seed of the random bits.
@@ -183,7 +187,7 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]  # (no stub)
     for i, (u, p) in enumerate(zip(leaves, param_leaves)):
       if is_low_precision(p.dtype):
-        u = rounded_update(p, u, random_bits(jax.random.fold_in(step_key, i), p.shape))
+        u = rounded_update(p, u, random_bits(step_key, p.shape, stream=i))
       out.append(u)
     return jax.tree.unflatten(treedef, out), StochasticRoundingState(optax.safe_increment(state.count))
 

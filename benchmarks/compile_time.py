@@ -1,29 +1,20 @@
-"""Time to the first step: tracing and compiling the train step, ours against optax's.
+"""Trace, lower and compile time of the train step: ours vs optax.adafactor and optax.adam.
 
-For one jitted step (``tx.update`` then ``optax.apply_updates``, params and state
-donated) on transformer-shaped trees of ~400 and ~1,500 leaves (`step_time`'s tree,
-24 and 96 unscanned layers, d 256), measures, per optimizer and backend:
-
-* trace: ``jax.jit(step).trace(...)`` (Python: the optimizer's own code runs here;
-  ours traces the plan of every backend, `jax.lax.platform_dependent`),
-* lower: the traced program to StableHLO,
-* compile: XLA's compilation for the backend (CPU; TPU v5e and H100 compiled
-  deviceless, as in `compiled_step.py`).
-
-Each (backend, tree) runs the three optimizers interleaved, ``--repeats`` times, and
-reports the median; the ratios to `optax.adafactor` and `optax.adam` of the same run
-are what to read (the machine is shared and noisy). A deviceless compile's time is the
-compiler's work on this CPU host, not a measurement on the accelerator.
+The full step (``tx.update`` then ``optax.apply_updates``, params and state
+donated) of a transformer-shaped tree with many leaves (`step_time`'s layer, 16
+leaves a layer) is traced, lowered and compiled for the host CPU, and ahead of
+time (deviceless) for one TPU v5e chip and one H100. Each phase is timed once
+with a wall clock, in a fresh jit (nothing cached between optimizers): these are
+timings of this host, noisy, and comparable only within one run.
 
 Usage:
-  python benchmarks/compile_time.py                   # writes benchmarks/results/compile_time.md
-  python benchmarks/compile_time.py --backends cpu --layers 4 --repeats 1 --out /tmp/ct  # quick
+  python benchmarks/compile_time.py                         # writes benchmarks/results/
+  python benchmarks/compile_time.py --leaves 400 --targets cpu --out /tmp/ct
 """
 
 import os
 
 if __name__ == "__main__":
-  # Before jax is imported (as compiled_step.py): compile-only TPU and CUDA devices.
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -31,140 +22,131 @@ if __name__ == "__main__":
 
 import argparse
 import json
+import platform
 import shlex
-import statistics
 import sys
 import time
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, BENCHMARKS)
-sys.path.insert(0, os.path.dirname(BENCHMARKS))
+sys.path[:0] = [os.path.dirname(BENCHMARKS), BENCHMARKS]
 
+import compiled_step
 import jax
+import jax.numpy as jnp
 import optax
-import step_time
-from jax.experimental import topologies
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adafactor_optax as ao
 
-RESULTS = os.path.join(BENCHMARKS, "results")
-H100_CONFIG = os.path.join(BENCHMARKS, "h100_sxm.txtpb")
 OPTIMIZERS = {
-    "ours": lambda: ao.adafactor(learning_rate=1e-2),
-    "optax.adafactor": lambda: optax.adafactor(learning_rate=1e-2),
+    "ours": lambda: ao.adafactor(),
+    "optax.adafactor": lambda: optax.adafactor(1e-2),
     "adam": lambda: optax.adam(1e-3),
 }
+# leaves -> unscanned layers of `compiled_step.transformer_tree` (16 leaves a layer + 3).
+LEAVES = {400: 25, 1500: 94}
+TARGETS = ("cpu", "v5e", "h100")
 
 
-def device(backend):
-  """One device to compile for: this host's CPU, or a compile-only TPU v5e chip or H100."""
-  if backend == "cpu":
+def shapes_with_leaves(leaves):
+  """A transformer tree (d 256, mlp 512, vocab 4096) with `LEAVES[leaves]` unscanned layers."""
+  return compiled_step.transformer_tree(False, d=256, f=512, layers=LEAVES[leaves], vocab=4096)
+
+
+def device(target):
+  if target == "cpu":
     return jax.devices("cpu")[0]
-  if backend == "v5e":
-    return topologies.get_topology_desc("v5e:2x2", "tpu").devices[0]
-  with open(H100_CONFIG) as f:
-    config = f.read()
-  return topologies.get_topology_desc("h100", "cuda", target_config=config,
-                                      topology="1x1x1").devices[0]
+  return compiled_step.devices(*compiled_step.TARGETS[target])[0]
 
 
-def abstract_params(layers, dev):
-  config = step_time.TreeConfig(vocab=8192, d_model=256, d_mlp=1024, layers=layers,
-                                scanned_layers=0)
-  sharding = NamedSharding(jax.sharding.Mesh([dev], ("x",)), P())
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.float32, sharding=sharding),
-                      step_time.tree_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
-
-
-def time_once(tx, params):
-  """Seconds to trace, lower and compile one step of `tx` on `params` (abstract)."""
+def timed_phases(tx, params):
+  """Seconds to trace, lower and compile the donated step of `tx` on `params`."""
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
+  sharding = jax.tree.leaves(params)[0].sharding
   with jax.numpy_dtype_promotion("standard"):
-    state = jax.eval_shape(tx.init, params)
-    sharding = jax.tree.leaves(params)[0].sharding
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                         state)
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    t0 = time.perf_counter()
-    traced = jitted.trace(params, state, params)
-    t1 = time.perf_counter()
+                         jax.eval_shape(tx.init, params))
+    start = time.perf_counter()
+    traced = jax.jit(step, donate_argnums=(0, 1)).trace(params, state, params)
+    traced_at = time.perf_counter()
     lowered = traced.lower()
-    t2 = time.perf_counter()
+    lowered_at = time.perf_counter()
     lowered.compile()
-    t3 = time.perf_counter()
-  return {"trace": t1 - t0, "lower": t2 - t1, "compile": t3 - t2, "total": t3 - t0}
+    compiled_at = time.perf_counter()
+  return {"trace_s": traced_at - start, "lower_s": lowered_at - traced_at,
+          "compile_s": compiled_at - lowered_at, "total_s": compiled_at - start}
 
 
-def measure(backends, layers_list, repeats, log):
+def run(leaves_list, targets, optimizers, log):
   rows = []
-  for backend in backends:
-    dev = device(backend)
-    for layers in layers_list:
-      params = abstract_params(layers, dev)
-      leaves = len(jax.tree.leaves(params))
-      runs = {name: [] for name in OPTIMIZERS}
-      for _ in range(repeats):
-        for name, make in OPTIMIZERS.items():  # interleaved: load drifts hit all alike
-          jax.clear_caches()
-          runs[name].append(time_once(make(), params))
-      for name, times in runs.items():
-        row = {"backend": backend, "leaves": leaves, "optimizer": name,
-               **{k: statistics.median(t[k] for t in times) for k in times[0]}}
+  for leaves in leaves_list:
+    shapes = shapes_with_leaves(leaves)
+    for target in targets:
+      sharding = NamedSharding(Mesh([device(target)], ("chip",)), P())
+      params = compiled_step.structs(shapes, jnp.float32, sharding)
+      for name in optimizers:
+        row = dict(leaves=len(jax.tree.leaves(params)), target=target, optimizer=name)
+        row.update({k: round(v, 3) for k, v in timed_phases(OPTIMIZERS[name](), params).items()})
         rows.append(row)
-        log(f"{backend} {leaves} leaves {name}: " +
-            ", ".join(f"{k} {row[k]:.2f} s" for k in ("trace", "lower", "compile", "total")))
+        log(f"  {row['leaves']:5d} leaves {target:5s} {name:16s} trace {row['trace_s']:6.2f}s "
+            f"lower {row['lower_s']:6.2f}s compile {row['compile_s']:7.2f}s")
   return rows
 
 
-def markdown(rows, command, repeats):
+def to_markdown(result):
+  rows = result["rows"]
   lines = [
-      "# Trace and compile time of the train step", "",
-      f"Made by `{command}` (jax {jax.__version__}, optax {optax.__version__}, "
-      f"{os.cpu_count()} CPU cores, median of {repeats}). TPU v5e and H100 are compiled "
-      "deviceless on this CPU host: their times are the compiler's work here, not a "
-      "measurement on the accelerator. Ratios are against the same run's optimizers.", "",
-      "| backend | leaves | optimizer | trace s | lower s | compile s | total s | "
-      "total / optax.adafactor | total / adam | trace / optax.adafactor |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "# Trace, lower and compile time of the train step",
+      "",
+      f"Command: `{result['command']}` ({result['wall_s'] / 60:.1f} min on {result['host']}).",
+      "",
+      "Full step (`tx.update` + `optax.apply_updates`, params and state donated), float32, "
+      "transformer layers of 16 leaves (d 256, mlp 512). `ours` is `adafactor_optax.adafactor()`; "
+      "`optax.adafactor(1e-2)`; `optax.adam(1e-3)`. cpu: this host's CPU backend; v5e and "
+      "h100: deviceless ahead-of-time compiles. Wall-clock seconds, once each on a shared "
+      "host: noisy, compare only within this table.",
+      "",
+      "| leaves | target | optimizer | trace s | lower s | compile s | total s | total x adam |",
+      "|---|---|---|---|---|---|---|---|",
   ]
-  for row in rows:
-    peers = {r["optimizer"]: r for r in rows
-             if (r["backend"], r["leaves"]) == (row["backend"], row["leaves"])}
-    lines.append(
-        f"| {row['backend']} | {row['leaves']:,} | {row['optimizer']} | {row['trace']:.2f} | "
-        f"{row['lower']:.2f} | {row['compile']:.2f} | {row['total']:.2f} | "
-        f"{row['total'] / peers['optax.adafactor']['total']:.2f} | "
-        f"{row['total'] / peers['adam']['total']:.2f} | "
-        f"{row['trace'] / peers['optax.adafactor']['trace']:.2f} |")
-  return "\n".join(lines) + "\n"
+  for r in rows:
+    adam = next(a for a in rows if a["optimizer"] == "adam" and a["leaves"] == r["leaves"]
+                and a["target"] == r["target"])
+    lines.append(f"| {r['leaves']} | {r['target']} | {r['optimizer']} | {r['trace_s']:.2f} | "
+                 f"{r['lower_s']:.2f} | {r['compile_s']:.2f} | {r['total_s']:.2f} | "
+                 f"{r['total_s'] / adam['total_s']:.1f} |")
+  return "\n".join(lines + [""])
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--backends", default="cpu,v5e,h100")
-  p.add_argument("--layers", default="24,96", help="unscanned layers per tree (16 leaves each)")
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--out", default=RESULTS)
-  a = p.parse_args(argv)
-  default = [a.backends, a.layers, a.repeats] == ["cpu,v5e,h100", "24,96", 3]
-  if os.path.abspath(a.out) == os.path.abspath(RESULTS) and not default:
-    raise SystemExit("a partial run writes elsewhere (--out): benchmarks/results/ keeps the full one")
-  rows = measure(a.backends.split(","), [int(n) for n in a.layers.split(",")], a.repeats,
-                 lambda s: print(s, flush=True))
-  command = shlex.join(["python", "benchmarks/compile_time.py", *(sys.argv[1:] if argv is None
-                                                                   else argv)])
-  os.makedirs(a.out, exist_ok=True)
-  with open(os.path.join(a.out, "compile_time.md"), "w") as f:
-    f.write(markdown(rows, command, a.repeats))
-  with open(os.path.join(a.out, "compile_time.json"), "w") as f:
-    json.dump({"command": command, "rows": rows}, f, indent=1)
-  return rows
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--leaves", default=",".join(map(str, LEAVES)), help=f"of {list(LEAVES)}")
+  parser.add_argument("--targets", default=",".join(TARGETS), help=f"of {TARGETS}")
+  parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"of {list(OPTIMIZERS)}")
+  parser.add_argument("--out", default=compiled_step.RESULTS)
+  parser.add_argument("--name", default="compile_time")
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  rows = run([int(n) for n in args.leaves.split(",")], args.targets.split(","),
+             args.optimizers.split(","), lambda m: print(m, flush=True))
+  command = "python benchmarks/compile_time.py " + " ".join(
+      shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+  result = {"command": command.strip(), "wall_s": round(time.perf_counter() - start, 1),
+            "host": f"{os.cpu_count()} CPU cores visible, {platform.machine()}",
+            "versions": compiled_step.versions(), "rows": rows}
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  text = to_markdown(result)
+  with open(os.path.join(args.out, f"{args.name}.md"), "w") as f:
+    f.write(text)
+  print(text)
+  return result
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ Usage:
   python benchmarks/compiled_step.py --sections step --trees unscanned --targets h100,v6e \\
       --optimizers ours,adam --out /tmp/compiled      # a subset, elsewhere
   python benchmarks/compiled_step.py --smoke --out DIR  # tiny trees, v5e + h100 (CI)
+  python benchmarks/compiled_step.py --sections step --targets v5e,v6e,v5p \\
+      --optimizers "ours lr,optax.adafactor" --tpu-schedulers list,dfs,post_order \\
+      --out /tmp/paired  # ours beside optax.adafactor, each under forced schedulers too
   python benchmarks/compiled_step.py --render benchmarks/results/compiled_step.json  # tables only
 """
 
@@ -164,6 +167,33 @@ OPTIMIZERS = {
     "sgd": (lambda rule: optax.sgd(1e-2), jnp.float32),
 }
 DEFAULT_OPTIMIZERS = tuple(OPTIMIZERS)
+# Ours beside optax.adafactor in the same configuration (`--optimizers` names them; the
+# `optax_adafactor_markdown` table pairs them): an explicit learning rate 1e-2 (optax's
+# is absolute, ours relative to RMS(X), as optax's `multiply_by_parameter_scale=True`),
+# momentum 0.9, int8 momentum (optax has none: against its float32 momentum), and
+# bfloat16 parameters with int8 momentum and stochastic rounding (against optax's
+# bfloat16 step with float32 momentum).
+PAIRED = {
+    "ours lr": (lambda rule: ao.adafactor(1e-2, factor_rule=rule), jnp.float32,
+                "optax.adafactor"),
+    "ours lr+momentum": (lambda rule: ao.adafactor(1e-2, momentum=0.9, factor_rule=rule),
+                         jnp.float32, "optax.adafactor+momentum"),
+    "ours lr+int8 momentum": (
+        lambda rule: ao.adafactor(1e-2, momentum=0.9, dtype_momentum="int8", factor_rule=rule),
+        jnp.float32, "optax.adafactor+momentum"),
+    "ours bf16 lr+int8+rounding": (
+        lambda rule: ao.adafactor(1e-2, momentum=0.9, dtype_momentum="int8",
+                                  stochastic_rounding=True, factor_rule=rule),
+        jnp.bfloat16, "optax.adafactor bf16+momentum"),
+}
+OPTIMIZERS |= {name: (make, dtype) for name, (make, dtype, _) in PAIRED.items()}
+OPTIMIZERS |= {
+    "optax.adafactor+momentum": (lambda rule: optax.adafactor(1e-2, momentum=0.9), jnp.float32),
+    "optax.adafactor bf16+momentum": (lambda rule: optax.adafactor(1e-2, momentum=0.9),
+                                      jnp.bfloat16),
+}
+COUNTERPARTS = {name: other for name, (_, _, other) in PAIRED.items()}
+DEFAULT_OPTIMIZERS += tuple(dict.fromkeys([*PAIRED, *COUNTERPARTS.values()]))
 # The step's per-backend choices (`adafactor_optax._grouping.PLANS`), each forced on every
 # backend: not in the default run (`--optimizers 'ours [alone]',...`).
 OPTIMIZERS |= {
@@ -232,8 +262,12 @@ def structs(shapes, dtype, sharding):
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
-def compile_step(tx, params, state_shardings, dump_dir=None):
-  """The compiled step: update + apply_updates, params and state donated."""
+def compile_step(tx, params, state_shardings, dump_dir=None, scheduler=None):
+  """The compiled step: update + apply_updates, params and state donated.
+
+  `scheduler` forces XLA's memory scheduler ("list", "dfs", "post_order"); by default
+  XLA builds all three orders and keeps the one of lowest simulated peak memory.
+  """
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
@@ -248,6 +282,8 @@ def compile_step(tx, params, state_shardings, dump_dir=None):
     lowered = jax.jit(step, donate_argnums=(0, 1),
                       out_shardings=(param_shardings, state_shardings)).lower(params, state, params)
     options = {"xla_dump_to": dump_dir} if dump_dir else {}
+    if scheduler:
+      options["xla_memory_scheduler"] = scheduler
     return lowered.compile(compiler_options=options)
 
 
@@ -406,20 +442,25 @@ def nbytes(tree):
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def compile_and_measure(tx, params, state_shardings, platform_name):
+def compile_and_measure(tx, params, state_shardings, platform_name, schedulers=()):
   with tempfile.TemporaryDirectory(prefix="compiled_step_") as dump:
     start = time.perf_counter()
     compiled = compile_step(tx, params, state_shardings,
                             dump if platform_name == "cuda" else None)
     result = measure(compiled, platform_name, dump)
   result["compile_s"] = round(time.perf_counter() - start, 2)
+  if platform_name == "tpu" and schedulers:
+    # A good TPU program estimates the same under each forced scheduler.
+    result["tpu_est_s_by_scheduler"] = {
+        name: measure(compile_step(tx, params, state_shardings, scheduler=name), "tpu",
+                      None)["tpu_est_s"] for name in schedulers}
   return result
 
 
 # --- The two sections -------------------------------------------------------------------------
 
 
-def step_section(trees, targets, optimizers, log):
+def step_section(trees, targets, optimizers, log, schedulers=()):
   rows, total = [], len(trees) * len(targets) * len(optimizers)
   for tree_name, (description, make_shapes) in trees.items():
     shapes = make_shapes()
@@ -437,7 +478,7 @@ def step_section(trees, targets, optimizers, log):
                    dtype=jnp.dtype(dtype).name,
                    n_params=sum(x.size for x in jax.tree.leaves(params)),
                    n_leaves=len(jax.tree.leaves(params)), param_bytes=nbytes(params))
-        row.update(compile_and_measure(tx, params, state_shardings, platform_name))
+        row.update(compile_and_measure(tx, params, state_shardings, platform_name, schedulers))
         rows.append(row)
         log(f"  [{len(rows)}/{total}] {tree_name:9s} {target:5s} {name:16s} kernels "
             f"{row['kernels']:5d}  bytes/param "
@@ -532,6 +573,42 @@ def summary_markdown(rows, name="ours"):
   return lines + [""]
 
 
+def optax_adafactor_markdown(rows):
+  """Each `PAIRED` row of ours beside optax.adafactor's in the same tree, target and config."""
+  index = {(r["tree"], r["target"], r["optimizer"]): r for r in rows}
+  pairs = [(r, index.get((r["tree"], r["target"], COUNTERPARTS[r["optimizer"]])))
+           for r in rows if r["optimizer"] in COUNTERPARTS]
+  pairs = [(r, o) for r, o in pairs if o is not None]
+  if not pairs:
+    return []
+  lines = [
+      "Ours against `optax.adafactor` in the same configuration (`PAIRED` in the script; "
+      "TPU time: the compiler's estimates, not timings; temp: over the parameter bytes; "
+      "fusions: ENTRY `fusion` instructions; H100: kernels launched):",
+      "",
+      "| tree | target | ours | optax.adafactor | est. µs ours / optax | x optax "
+      "| temp ours / optax | fusions (H100: kernels) ours / optax "
+      "| est. µs under each forced scheduler (`--tpu-schedulers`, in order), ours; optax |",
+      "|---|---|---|---|---|---|---|---|---|",
+  ]
+
+  def forced(row):
+    by = row.get("tpu_est_s_by_scheduler") or {}
+    return " / ".join(f"{1e6 * v:,.0f}" for v in by.values()) or "-"
+
+  for r, o in pairs:
+    est = (f"{1e6 * r['tpu_est_s']:,.0f} / {1e6 * o['tpu_est_s']:,.0f}"
+           if r["tpu_est_s"] is not None else "-")
+    ratio = fmt(r["tpu_est_s"] / o["tpu_est_s"] if r["tpu_est_s"] else None, ".2f")
+    count = "fusions" if r["fusions"] is not None else "kernels"
+    lines.append(
+        f"| {r['tree']} ({r['n_leaves']} leaves) | {r['target']} | {r['optimizer']} | "
+        f"{o['optimizer']} | {est} | {ratio} | {r['temp_per_param_byte']:.3f} / "
+        f"{o['temp_per_param_byte']:.3f} | {r[count]:,} / {o[count]:,} | "
+        f"{forced(r)}; {forced(o)} |")
+  return lines + [""]
+
+
 def step_markdown(rows):
   lines = []
   for tree in dict.fromkeys(r["tree"] for r in rows):
@@ -617,7 +694,8 @@ def to_markdown(result):
   lines += [f"- {k}: {v}" for k, v in result["definitions"].items()]
   lines.append("")
   if result["step"]:
-    lines += ["## One chip", ""] + summary_markdown(result["step"]) + step_markdown(result["step"])
+    lines += (["## One chip", ""] + summary_markdown(result["step"])
+              + optax_adafactor_markdown(result["step"]) + step_markdown(result["step"]))
   if result["pod"]:
     lines += ["## Pod slice", ""] + pod_markdown(result["pod"])
   if result["step"]:
@@ -682,6 +760,9 @@ def parse_args(argv=None):
   parser.add_argument("--name", default="compiled_step", help="file name stem of the outputs")
   parser.add_argument("--render", metavar="JSON", default=None,
                       help="compile nothing: rewrite the markdown and plot of a result JSON")
+  parser.add_argument("--tpu-schedulers", default="",
+                      help="also compile each TPU step under these forced memory schedulers "
+                      "(of list,dfs,post_order) and report their estimates")
   parser.add_argument("--smoke", action="store_true",
                       help="tiny trees and decoder, v5e and h100 only, seconds (CI)")
   args = parser.parse_args(argv)
@@ -692,9 +773,11 @@ def parse_args(argv=None):
     if getattr(args, key) is None:
       setattr(args, key, ",".join(smoke if args.smoke else full))
   lists = {k: [x for x in getattr(args, k).split(",") if x] for k in
-           ("sections", "trees", "targets", "optimizers", "pod_targets", "pod_optimizers")}
+           ("sections", "trees", "targets", "optimizers", "pod_targets", "pod_optimizers",
+            "tpu_schedulers")}
   known = {"sections": ("step", "pod"), "trees": TREES, "targets": TARGETS,
-           "optimizers": OPTIMIZERS, "pod_targets": POD_TARGETS, "pod_optimizers": OPTIMIZERS}
+           "optimizers": OPTIMIZERS, "pod_targets": POD_TARGETS, "pod_optimizers": OPTIMIZERS,
+           "tpu_schedulers": ("list", "dfs", "post_order")}
   for key, values in lists.items():
     unknown = [v for v in values if v not in known[key]]
     if unknown:
@@ -738,7 +821,8 @@ def main(argv=None):
   step_rows = pod_rows = []
   if "step" in args.sections:
     log(f"step: trees {args.trees}, targets {args.targets}, optimizers {args.optimizers}")
-    step_rows = step_section({t: trees[t] for t in args.trees}, args.targets, args.optimizers, log)
+    step_rows = step_section({t: trees[t] for t in args.trees}, args.targets, args.optimizers, log,
+                             args.tpu_schedulers)
     add_ratios(step_rows, "param_bytes")
   if "pod" in args.sections:
     log(f"pod: targets {args.pod_targets}, optimizers {args.pod_optimizers}")

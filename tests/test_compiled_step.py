@@ -211,3 +211,25 @@ def test_h100_kernels_grow_with_groups_not_leaves():
   per_layer_ours = (counts["ours6"] - counts["ours2"]) / 4
   assert per_layer_adam >= 3  # one kernel per leaf at least: w, v, b
   assert per_layer_ours <= 1.5 * per_layer_adam, counts
+
+
+def test_optax_adafactor_table_pairs_each_config_with_its_counterpart(module):
+  """Each `PAIRED` row of ours is set beside optax.adafactor's of the same tree and
+  target in its counterpart configuration, never another's."""
+  assert module.COUNTERPARTS["ours lr+int8 momentum"] == "optax.adafactor+momentum"
+  assert set(module.COUNTERPARTS.values()) <= set(module.DEFAULT_OPTIMIZERS)
+
+  def row(optimizer, target, est, temp, fusions):
+    return dict(tree="unscanned", n_leaves=195, target=target, optimizer=optimizer,
+                tpu_est_s=est, temp_per_param_byte=temp, fusions=fusions, kernels=fusions + 1,
+                tpu_est_s_by_scheduler={"list": est, "dfs": est / 2})
+
+  rows = [row("ours lr", "v5p", 8e-4, 0.01, 950), row("optax.adafactor", "v5p", 1e-3, 0.0, 1072),
+          row("optax.adafactor", "v5e", 2e-3, 0.0, 1000),
+          row("ours lr+momentum", "v5e", 3e-3, 0.1, 1200),
+          row("optax.adafactor+momentum", "v5p", 1e-3, 0.0, 1100)]
+  lines = module.optax_adafactor_markdown(rows)
+  pairs = [line for line in lines if line.startswith("| unscanned")]
+  # ours lr+momentum has no counterpart on v5e: left out.
+  assert pairs == ["| unscanned (195 leaves) | v5p | ours lr | optax.adafactor | 800 / 1,000 | "
+                   "0.80 | 0.010 / 0.000 | 950 / 1,072 | 800 / 400; 1,000 / 500 |"]
