@@ -31,6 +31,7 @@ BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(BENCHMARKS), BENCHMARKS]
 
 import compiled_step
+import compiled_trees
 import jax
 import jax.numpy as jnp
 import optax
@@ -44,14 +45,14 @@ OPTIMIZERS = {
     "optax.adafactor": lambda: optax.adafactor(1e-2),
     "adam": lambda: optax.adam(1e-3),
 }
-# leaves -> unscanned layers of `compiled_step.transformer_tree` (16 leaves a layer + 3).
+# leaves -> unscanned layers of `compiled_trees.transformer_tree` (16 leaves a layer + 3).
 LEAVES = {400: 25, 1500: 94}
 TARGETS = ("cpu", "v5e", "h100")
 
 
 def shapes_with_leaves(leaves):
   """A transformer tree (d 256, mlp 512, vocab 4096) with `LEAVES[leaves]` unscanned layers."""
-  return compiled_step.transformer_tree(False, d=256, f=512, layers=LEAVES[leaves], vocab=4096)
+  return compiled_trees.transformer_tree(False, d=256, f=512, layers=LEAVES[leaves], vocab=4096)
 
 
 def device(target):

@@ -50,6 +50,21 @@ def module():
   return helpers.load_benchmark("compiled_step")
 
 
+@pytest.fixture(scope="module")
+def hlo(module):  # after compiled_step, which puts benchmarks/ on the path
+  return helpers.load_benchmark("compiled_hlo")
+
+
+@pytest.fixture(scope="module")
+def report(module):
+  return helpers.load_benchmark("compiled_report")
+
+
+@pytest.fixture(scope="module")
+def trees(module):
+  return helpers.load_benchmark("compiled_trees")
+
+
 def rows_by(rows, *keys):
   return {tuple(r[k] for k in keys): r for r in rows}
 
@@ -150,16 +165,16 @@ ENTRY %main.3 (p.1: f32[256,64], q.2: bf16[16]) -> (f32[1024,64], bf16[16]) {
 """
 
 
-def test_hlo_reading_counts_kernels_and_collective_bytes(module):
-  computations, entry = module.parse_hlo(HLO)
+def test_hlo_reading_counts_kernels_and_collective_bytes(hlo):
+  computations, entry = hlo.parse_hlo(HLO)
   assert entry == "main.3" and set(computations) == {"add", "main.3"}
-  assert module.type_bytes("(f32[256,64]{1,0}, bf16[16]{0})") == 256 * 64 * 4 + 16 * 2
+  assert hlo.type_bytes("(f32[256,64]{1,0}, bf16[16]{0})") == 256 * 64 * 4 + 16 * 2
   # Kernels: the fusion and the unfused array rsqrt; not the scalar constant, the
   # parameters, the custom-call or the tuple. Apart: the async pair and the all-reduce.
-  kernels, fusions, other, custom_calls = module.tpu_kernels(computations, entry)
+  kernels, fusions, other, custom_calls = hlo.tpu_kernels(computations, entry)
   assert (kernels, fusions, other, custom_calls) == (2, 1, 3, 1)
   # all-gather: operand 256x64 f32 plus the done's result 1024x64; all-reduce: 16 bf16 in, out.
-  assert module.collective_bytes(computations) == {
+  assert hlo.collective_bytes(computations) == {
       "all-gather": [1, (256 + 1024) * 64 * 4], "all-reduce": [1, 2 * 16 * 2]}
 
 
@@ -172,9 +187,9 @@ THUNKS = """\
 """
 
 
-def test_gpu_thunks_count_kernels_inside_command_buffers(module, tmp_path):
+def test_gpu_thunks_count_kernels_inside_command_buffers(hlo, tmp_path):
   (tmp_path / "module_0001.jit_step.thunk_sequence_after_thunk_passes.txt").write_text(THUNKS)
-  assert module.gpu_kernels(str(tmp_path)) == (3, 1)
+  assert hlo.gpu_kernels(str(tmp_path)) == (3, 1)
 
 
 GROUPING = """
@@ -213,11 +228,11 @@ def test_h100_kernels_grow_with_groups_not_leaves():
   assert per_layer_ours <= 1.5 * per_layer_adam, counts
 
 
-def test_optax_adafactor_table_pairs_each_config_with_its_counterpart(module):
+def test_optax_adafactor_table_pairs_each_config_with_its_counterpart(trees, report):
   """Each `PAIRED` row of ours is set beside optax.adafactor's of the same tree and
   target in its counterpart configuration, never another's."""
-  assert module.COUNTERPARTS["ours lr+int8 momentum"] == "optax.adafactor+momentum"
-  assert set(module.COUNTERPARTS.values()) <= set(module.DEFAULT_OPTIMIZERS)
+  assert trees.COUNTERPARTS["ours lr+int8 momentum"] == "optax.adafactor+momentum"
+  assert set(trees.COUNTERPARTS.values()) <= set(trees.DEFAULT_OPTIMIZERS)
 
   def row(optimizer, target, est, temp, fusions):
     return dict(tree="unscanned", n_leaves=195, target=target, optimizer=optimizer,
@@ -228,7 +243,7 @@ def test_optax_adafactor_table_pairs_each_config_with_its_counterpart(module):
           row("optax.adafactor", "v5e", 2e-3, 0.0, 1000),
           row("ours lr+momentum", "v5e", 3e-3, 0.1, 1200),
           row("optax.adafactor+momentum", "v5p", 1e-3, 0.0, 1100)]
-  lines = module.optax_adafactor_markdown(rows)
+  lines = report.optax_adafactor_markdown(rows)
   pairs = [line for line in lines if line.startswith("| unscanned")]
   # ours lr+momentum has no counterpart on v5e: left out.
   assert pairs == ["| unscanned (195 leaves) | v5p | ours lr | optax.adafactor | 800 / 1,000 | "
