@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import lm_task  # the data and the model of train_lm.py
 import train_lm
 
 # The rows and the report live beside this file; their names are re-exported here (the tests
@@ -117,7 +118,7 @@ def init_params(cfg: Config):
   """One initialisation per seed, stacked on a leading axis, and the graphdef."""
   states = []
   for seed in range(cfg.seeds):
-    model = train_lm.TransformerLM(d_model=cfg.d_model, layers=cfg.layers, seq_len=cfg.seq_len,
+    model = lm_task.TransformerLM(d_model=cfg.d_model, layers=cfg.layers, seq_len=cfg.seq_len,
                                    n_heads=cfg.n_heads, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model, nnx.Param)
     states.append(params)
@@ -149,7 +150,7 @@ def train_row(name, warmup, cfg, graphdef, params0, train_batches, evaluate):
   probe = probe_index(jax.tree.map(lambda x: x[0], params0), cfg.probe)
 
   def loss_of(params, batch):
-    return train_lm.loss_fn(nnx.merge(graphdef, params), batch)
+    return lm_task.loss_fn(nnx.merge(graphdef, params), batch)
 
   def step(carry, batch):
     params, state = carry
@@ -188,7 +189,7 @@ def train_row(name, warmup, cfg, graphdef, params0, train_batches, evaluate):
 
 def unigram_loss(train_data: np.ndarray, valid_batches: np.ndarray) -> float:
   """Held-out cross-entropy of the training bytes' frequencies (add-one smoothed)."""
-  counts = np.bincount(train_data, minlength=train_lm.VOCAB).astype(np.float64) + 1.0
+  counts = np.bincount(train_data, minlength=lm_task.VOCAB).astype(np.float64) + 1.0
   logp = np.log(counts / counts.sum())
   return float(-logp[valid_batches[..., 1:]].mean())
 
@@ -197,11 +198,11 @@ def run(cfg: Config, progress: bool = True) -> dict:
   t0 = time.perf_counter()
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
-  train_data, valid_data, info = train_lm.load_stdlib_bytes(cfg.max_bytes)
-  train_batches = np.stack([train_lm.sample_batches(train_data, cfg.steps, cfg.batch,
+  train_data, valid_data, info = lm_task.load_stdlib_bytes(cfg.max_bytes)
+  train_batches = np.stack([lm_task.sample_batches(train_data, cfg.steps, cfg.batch,
                                                     cfg.seq_len, seed)
                             for seed in range(cfg.seeds)])  # (seeds, steps, batch, L + 1)
-  valid_np = train_lm.sample_batches(valid_data, cfg.eval_batches, cfg.batch, cfg.seq_len,
+  valid_np = lm_task.sample_batches(valid_data, cfg.eval_batches, cfg.batch, cfg.seq_len,
                                      10_000)
   threshold = unigram_loss(train_data, valid_np)
   graphdef, params0 = init_params(cfg)
