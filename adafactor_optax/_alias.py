@@ -116,8 +116,10 @@ def adafactor(
       float64 for float64 parameters).
     factor_rule: which axes each parameter factors: None or "largest" (the
       two largest axes, as optax), "last_two" (tensor2tensor, PyTorch, HF), a
-      callable ``(path, shape) -> FactorSpec | None`` or a pytree of
-      `FactorSpec` / None. A spec's batch axes also split clipping and the
+      callable ``(path, shape) -> FactorSpec | None | DEFAULT_FACTORING`` or a
+      pytree of those. None keeps the second moment whole; `DEFAULT_FACTORING`
+      means what the default rule gives the parameter, e.g. outside the stacks
+      of ``stacked_layers()``. A spec's batch axes also split clipping and the
       parameter scale into per-slice blocks (a scanned stack of layers), and
       its `estimate` chooses row-only or column-only statistics.
     skip_non_finite: skip every step whose gradients hold a NaN or Inf

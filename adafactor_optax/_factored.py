@@ -358,8 +358,11 @@ def scale_by_factored_rms(
       this many elements (`factored_axes`). None: 128, as optax.
     factor_rule: which axes each parameter factors (see `FactorSpec`): None or
       "largest" (the two largest, as optax), "last_two" (tensor2tensor,
-      PyTorch, HF), a callable ``(path, shape) -> FactorSpec | None``, or a
-      pytree of `FactorSpec` / None with the parameters' structure.
+      PyTorch, HF), a callable ``(path, shape) -> FactorSpec | None |
+      DEFAULT_FACTORING``, or a pytree of those with the parameters'
+      structure. None keeps a parameter's second moment whole;
+      `DEFAULT_FACTORING` gives it what the default rule gives it (e.g.
+      `stacked_layers` for the rest of a scanned model).
     stats_dtype: dtype the statistics are stored in. Default: float32, or
       float64 for float64 parameters. They are always computed in at least
       float32.
