@@ -12,6 +12,7 @@ from adafactor_optax import (
   _factoring,
   _finite,
   _flax,
+  _leafwise,
   _momentum,
   _numerics,
   _rounding,
@@ -207,5 +208,9 @@ def adafactor(
         factor_rule=factor_rule if factored else None,
     ))
   chain = optax.chain(*tx)
+  # On TPU, leaf by leaf (`_leafwise`). The diagnostics (sums over the tree) and
+  # a weight decay mask (a tree of its own) are not per leaf.
+  if not (diagnostics or weight_decay_mask is not None):
+    chain = _leafwise.leaf_by_leaf(chain)
   # Boxed (Flax) parameters: a state whose metadata fits each of its own arrays.
   return _flax.with_flax_metadata(_finite.skip_non_finite(chain) if skip_non_finite else chain)

@@ -23,8 +23,10 @@ TPU compiler write the stacked copy, so there each leaf is reduced alone.
 """
 
 import collections
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -94,16 +96,11 @@ class Plan(NamedTuple):
 # `from_inputs` it makes the fewest kernels (barriers would keep temporaries lower:
 # 0.32x against 0.45x the parameter bytes on v5e, many-leaf tree).
 #
-# TPU: what the estimate loses to optax.adafactor (v5p, 195 leaves, lr 1e-2: 1,564 against
-# 855 us, compiler's estimates) is XLA:TPU's choice of its list memory scheduler (under a
-# forced DFS order this step estimates 776 us, optax's 847); no Plan changes that. Tying each
-# leaf's inputs to the previous leaf's *new parameter* with an optimization barrier forces a
-# leaf-by-leaf order, but the new parameter exists only after `optax.apply_updates`, outside
-# the chain, so no link can do it. Tying a leaf's gradient and statistics to the previous
-# leaf's statistics inside this link leaves the estimate as it was (1,558 us). Measured on the
-# whole chain applied leaf by leaf (outside optax, tied to the previous leaf's new parameter):
-# 1,294-1,324 us under the list, DFS and post-order schedulers alike; tied to the one before
-# it, 792 us, but only under DFS (list 1,324; v5e 2,594 against optax's 1,999).
+# TPU: no Plan decides what the TPU estimate loses to optax.adafactor untied (v5p, 195
+# leaves, lr 1e-2: 1,564 against 855 us, compiler's estimates): XLA:TPU's list memory
+# scheduler orders the step breadth-first. `adafactor` wraps its chain in
+# `_leafwise.leaf_by_leaf`, which ties each leaf to the previous leaf's new parameter and
+# traces the chain there with `PLANS["tpu"]` alone (`forced_plan`); that step estimates 776 us.
 PLANS = {
     "cpu": Plan(grouped=False, barriers=True, from_inputs=False),
     "tpu": Plan(grouped=False, barriers=False, from_inputs=True),
@@ -111,12 +108,33 @@ PLANS = {
 }
 
 
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("forced_plan", default=None)
+
+
+@contextlib.contextmanager
+def forced_plan(name: str) -> Iterator[None]:
+  """While tracing inside it, `per_backend` uses `PLANS[name]` alone.
+
+  For code already in one backend's branch (`_leafwise`'s TPU step), so that
+  the other backends' plans are not traced there too.
+  """
+  token = _FORCED.set(name)
+  try:
+    yield
+  finally:
+    _FORCED.reset(token)
+
+
 def per_backend(step: Callable[..., Any], *args: Any) -> Any:
   """``step(*args, plan=...)`` with the `Plan` of the backend it is compiled for.
 
   Lowered for one platform, only that platform's branch is compiled
   (`jax.lax.platform_dependent`); every branch computes the same values.
+  Inside `forced_plan`, that plan alone.
   """
+  forced = _FORCED.get()
+  if forced is not None:
+    return step(*args, plan=PLANS[forced])
   branches = {name: functools.partial(step, plan=plan) for name, plan in PLANS.items()}
   return jax.lax.platform_dependent(
       *args, cpu=branches["cpu"], tpu=branches["tpu"], default=branches["gpu"])

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adafactor_optax import _numerics
+from adafactor_optax import _leafwise, _numerics
 
 
 class StochasticRoundingState(NamedTuple):
@@ -185,7 +185,7 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     leaves, treedef = jax.tree.flatten(updates)
     out = []
     param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]  # (no stub)
-    for i, (u, p) in enumerate(zip(leaves, param_leaves)):
+    for i, (u, p) in enumerate(zip(leaves, param_leaves), start=_leafwise.first_leaf()):
       if is_low_precision(p.dtype):
         u = rounded_update(p, u, random_bits(step_key, p.shape, stream=i))
       out.append(u)

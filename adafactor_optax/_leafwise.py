@@ -1,0 +1,162 @@
+"""On TPU, the step leaf by leaf: each leaf's inputs wait for the previous leaf's new value.
+
+XLA:TPU's memory scheduler may order the step breadth-first: every leaf's
+reductions (row and column means, RMS(U), RMS(X)) first, every update last, so
+that each parameter and gradient is read long before it is written, and its
+memory-space assignment re-copies them between HBM and on-chip memory. The
+compiler's estimate of such a step is about twice that of the same program in
+depth-first order (v5p, 195 leaves, learning rate 1e-2: 1,564 against 776 us;
+`benchmarks/results/compiled_step_vs_optax_adafactor.md`).
+
+`leaf_by_leaf` fixes the order in the program itself: it runs the wrapped
+chain once per leaf, and passes leaf i's parameter, gradient and per-leaf state
+through one `jax.lax.optimization_barrier` together with leaf i-1's new
+parameter, ``p + u`` written exactly as `optax.apply_updates` writes it, so
+that XLA merges the two (common subexpressions) and leaf i's work starts only
+after leaf i-1's parameter is final. The barrier changes no value and no
+aliasing of donated buffers. State that is not per leaf (step counts) stays
+out of the barriers: each leaf's chain computes the same scalars from it,
+which XLA computes once; tied to a barrier they would be recomputed for every
+leaf (+500 us on that step).
+
+It is a TPU choice (`jax.lax.platform_dependent`): XLA:CPU and XLA:GPU compile
+the whole-tree chain as before.
+"""
+
+import contextvars
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adafactor_optax import _grouping
+
+
+# Where the step is tied leaf by leaf, read when `update` is traced (the tests
+# add "cpu" to run the tied step on the CPU).
+TIED_PLATFORMS: tuple[str, ...] = ("tpu",)
+_FIRST_LEAF = contextvars.ContextVar("first_leaf", default=0)
+
+
+def first_leaf() -> int:
+  """Where, in the whole tree, the first leaf that a link is now given stands.
+
+  0, except inside `tied_update`, which gives the chain one leaf at a time:
+  there it is that leaf's position, so that a link numbering its leaves
+  (`stochastic_rounding`'s random streams) numbers them as on the whole tree.
+  """
+  return _FIRST_LEAF.get()
+
+
+def new_parameter(param: jax.Array, update: jax.Array) -> jax.Array:
+  """``param + update`` as `optax.apply_updates` computes it (so that XLA merges the two)."""
+  return jnp.asarray(param + update).astype(jnp.asarray(param).dtype)
+
+
+def _up_to(treedef: Any, tree: Any) -> list:
+  """`tree`'s subtrees at `treedef`'s leaves (a ValueError where it is not a prefix)."""
+  return treedef.flatten_up_to(tree)
+
+
+def _alone(treedef: Any, i: int, subtree: Any) -> Any:
+  """A tree of `treedef` with `subtree` at leaf i and None (no leaves) at the others."""
+  return jax.tree.unflatten(treedef, [subtree if j == i else None
+                                      for j in range(treedef.num_leaves)])
+
+
+class _Split:
+  """A state cut into its per-leaf parts (subtrees shaped like the parameters) and the rest."""
+
+  def __init__(self, state: Any, treedef: Any):
+    self.treedef = treedef
+    self.items, self.structure = jax.tree.flatten(
+        state, is_leaf=lambda x: _mirrors(x, treedef))
+    # Per item: None for shared state, else one subtree per parameter leaf.
+    self.parts = [_up_to(treedef, x) if _mirrors(x, treedef) else None for x in self.items]
+
+  def arrays(self, i: int) -> list:
+    """Leaf i's own state arrays."""
+    return [parts[i] for parts in self.parts if parts is not None]
+
+  def state(self, i: int, arrays: list) -> Any:
+    """The state the chain sees for leaf i: its own arrays, None for the other leaves."""
+    own = iter(arrays)
+    items = [item if parts is None else _alone(self.treedef, i, next(own))
+             for item, parts in zip(self.items, self.parts)]
+    return jax.tree.unflatten(self.structure, items)
+
+  def merge(self, states: list) -> Any:
+    """One state from the per-leaf chains' states (shared state: the first leaf's)."""
+    per_leaf = [_up_to(self.structure, s) for s in states]
+    items = [
+        per_leaf[0][k] if parts is None else jax.tree.unflatten(
+            self.treedef, [_up_to(self.treedef, items[k])[i] for i, items in enumerate(per_leaf)])
+        for k, parts in enumerate(self.parts)
+    ]
+    return jax.tree.unflatten(self.structure, items)
+
+
+def _mirrors(x: Any, treedef: Any) -> bool:
+  """Whether `x` is a state subtree with one entry per parameter (the parameters' structure)."""
+  if x is None or hasattr(x, "shape"):
+    return False
+  try:
+    _up_to(treedef, x)
+  except (ValueError, TypeError):
+    return False
+  return True
+
+
+def leaf_by_leaf(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`inner` whose step XLA:TPU must compile leaf by leaf (see the module's docstring).
+
+  `inner` must compute each leaf's update from that leaf's gradient, parameter
+  and state alone, plus state shared by all leaves (counts; a link that
+  numbers leaves reads `first_leaf`): true of `adafactor`'s chain without
+  diagnostics or a weight decay mask, which `adafactor` checks before it wraps. Equal updates and
+  state to `inner`'s on every backend (tested on CPU by calling the leaf-by-leaf
+  path directly).
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    leaves, treedef = jax.tree.flatten(updates)
+    if params is None or len(leaves) < 2:
+      return inner.update(updates, state, params, **extra_args)
+
+    def whole(updates, state, params):
+      return inner.update(updates, state, params, **extra_args)
+
+    def by_leaf(updates, state, params):
+      with _grouping.forced_plan("tpu"):  # also in the tests' CPU runs: the TPU's plan
+        return tied_update(inner, updates, state, params, **extra_args)
+
+    tied = {name: by_leaf for name in TIED_PLATFORMS}
+    return jax.lax.platform_dependent(updates, state, params, **tied, default=whole)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def tied_update(inner: optax.GradientTransformationExtraArgs, updates: Any, state: Any,
+                params: Any, **extra_args: Any) -> tuple[Any, Any]:
+  """`inner.update`, one leaf at a time, each leaf's inputs tied to the previous new parameter."""
+  grads, treedef = jax.tree.flatten(updates)
+  param_leaves = _up_to(treedef, params)
+  split = _Split(state, treedef)
+  steps, states, token = [], [], None
+  for i, (p, g) in enumerate(zip(param_leaves, grads)):
+    own = split.arrays(i)
+    if token is not None:
+      p, g, own, _ = jax.lax.optimization_barrier((p, g, own, token))
+    position = _FIRST_LEAF.set(i)
+    try:
+      u, s = inner.update(_alone(treedef, i, g), split.state(i, own), _alone(treedef, i, p),
+                          **extra_args)
+    finally:
+      _FIRST_LEAF.reset(position)
+    (u,) = jax.tree.leaves(u)
+    token = new_parameter(param_leaves[i], u)
+    steps.append(u)
+    states.append(s)
+  return jax.tree.unflatten(treedef, steps), split.merge(states)

@@ -1,0 +1,126 @@
+"""`_leafwise`: the TPU's leaf-by-leaf step computes exactly what the whole-tree chain does.
+
+The tied step is compiled only for TPU; here `TIED_PLATFORMS` adds the CPU, so
+that `adafactor()` as built runs it on the CPU and is compared, bit for bit,
+with the same optimizer untied. Whether XLA:TPU then orders the step leaf by
+leaf is read from a deviceless compile: the same estimate under its default
+scheduler as under a forced depth-first order.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adafactor_optax as ao
+from adafactor_optax import _grouping, _leafwise
+from tests import test_compiled_step
+
+CONFIGS = {
+    "defaults": dict(),
+    "learning rate": dict(learning_rate=1e-2),
+    "momentum": dict(learning_rate=1e-2, momentum=0.9),
+    "int8 momentum": dict(learning_rate=1e-2, momentum=0.9, dtype_momentum="int8"),
+    "stacked layers": dict(factor_rule=ao.stacked_layers()),
+    "path rule": dict(factor_rule=lambda path, shape: (
+        None if "keep" in jax.tree_util.keystr(path) else ao.DEFAULT_FACTORING)),
+    "weight decay": dict(learning_rate=1e-2, weight_decay_rate=1e-3),
+    "skip non-finite": dict(skip_non_finite=True),
+    "stochastic rounding": dict(learning_rate=1e-2, momentum=0.9, dtype_momentum="int8",
+                                stochastic_rounding=True),
+}
+
+
+def params_tree(dtype):
+  keys = jax.random.split(jax.random.key(0), 4)
+  tree = {
+      "layer": {"kernel": jax.random.normal(keys[0], (64, 32)), "bias": jnp.zeros(32)},
+      "keep": jax.random.normal(keys[1], (48, 40)),
+      "twin": jax.random.normal(keys[2], (64, 32)),  # same shape: its own random bits
+      "scan": {"kernel": jax.random.normal(keys[3], (3, 16, 24))},
+      "scale": jnp.ones(()),
+  }
+  return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def run(tx, params, steps=3):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(steps):
+    grads = jax.tree.map(lambda x, t=t: (jnp.sin(3.0 * x + t) + 0.1).astype(x.dtype), params)
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tied_step_equals_the_whole_tree_step(name, monkeypatch):
+  dtype = jnp.bfloat16 if "rounding" in name else jnp.float32
+  params = params_tree(dtype)
+  monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ())
+  with _grouping.forced_plan("tpu"):  # the tied step's plan (plans differ in rounding)
+    expected = run(ao.adafactor(**CONFIGS[name]), params)
+  monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",))
+  got = run(ao.adafactor(**CONFIGS[name]), params)
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_tied_step_is_traced_leaf_by_leaf(monkeypatch):
+  """One barrier per leaf after the first, each carrying the previous leaf's new parameter."""
+  monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",))
+  params = params_tree(jnp.float32)
+  tx = _leafwise.leaf_by_leaf(optax.chain(ao.scale_by_factored_rms(), optax.scale(-1e-2)))
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(lambda p, s: _leafwise.tied_update(
+      optax.with_extra_args_support(tx), p, s, p))(params, state)
+  barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
+  assert len(barriers) == len(jax.tree.leaves(params)) - 1
+
+
+def test_untied_without_params_or_with_one_leaf():
+  tx = _leafwise.leaf_by_leaf(optax.sgd(0.1))
+  params = {"w": jnp.ones(3)}
+  updates, _ = tx.update(params, tx.init(params))  # sgd needs no params: passes through
+  np.testing.assert_allclose(updates["w"], -0.1)
+
+
+@test_compiled_step.needs_aot
+@pytest.mark.slow
+def test_xla_tpu_compiles_it_in_leaf_order():
+  """v5p, a 4-layer transformer: the default scheduler's estimate is the depth-first one's.
+
+  Untied, XLA:TPU's list scheduler estimates this step well above its
+  depth-first order; tied, every scheduler gives the same order. Estimates
+  (the TPU compiler's cost model), compared within one compile of each.
+  """
+  script = f"""
+import json, sys
+sys.path[:0] = [{test_compiled_step.ROOT!r}, {os.path.join(test_compiled_step.ROOT, 'benchmarks')!r}]
+import adafactor_optax as ao, jax, optax
+import compiled_hlo as H, compiled_trees as T
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+rep = NamedSharding(Mesh([H.devices("tpu", "v5p:2x2x1")[0]], ("chip",)), P())
+params = H.structs(T.transformer_tree(False, layers=4), jax.numpy.float32, rep)
+out = {{}}
+for name, tx in {{"ours": ao.adafactor(1e-2), "optax": optax.adafactor(1e-2)}}.items():
+  ss = jax.tree.map(lambda _: rep, jax.eval_shape(tx.init, params))
+  r = H.compile_and_measure(tx, params, ss, "tpu", ("dfs",))
+  out[name] = (r["tpu_est_s"], r["tpu_est_s_by_scheduler"]["dfs"])
+print(json.dumps(out))
+"""
+  run = subprocess.run([sys.executable, "-c", script], cwd=test_compiled_step.ROOT,
+                       env=dict(os.environ, **test_compiled_step.ENV), capture_output=True,
+                       text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  (ours, ours_dfs), (optax_est, _) = out["ours"], out["optax"]
+  assert ours <= 1.02 * ours_dfs, out
+  assert ours <= optax_est, out
