@@ -209,8 +209,10 @@ def adafactor(
     ))
   chain = optax.chain(*tx)
   # On TPU, leaf by leaf (`_leafwise`). The diagnostics (sums over the tree) and
-  # a weight decay mask (a tree of its own) are not per leaf.
-  if not (diagnostics or weight_decay_mask is not None):
+  # a weight decay mask (a tree of its own) are not per leaf; int8 momentum's
+  # step estimates lower untied (v5p, 195 leaves: 2,289 against 2,926 us tied).
+  int8 = momentum is not None and _momentum.is_int8(dtype_momentum)
+  if not (diagnostics or weight_decay_mask is not None or int8):
     chain = _leafwise.leaf_by_leaf(chain)
   # Boxed (Flax) parameters: a state whose metadata fits each of its own arrays.
   return _flax.with_flax_metadata(_finite.skip_non_finite(chain) if skip_non_finite else chain)

@@ -58,7 +58,7 @@ def ema_momentum(
       is neither a floating dtype nor int8.
   """
   _numerics.check("decay", decay, lambda b: 0 <= b < 1, "in [0, 1)")
-  quantized = accumulator_dtype is not None and _checked_dtype(accumulator_dtype) == jnp.int8
+  quantized = is_int8(accumulator_dtype)
 
   def storage_dtype(x):
     if accumulator_dtype is None:
@@ -98,6 +98,11 @@ def ema_momentum(
     return updates, EmaMomentumState(ema=ema)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def is_int8(accumulator_dtype: Any) -> bool:
+  """Whether `accumulator_dtype` asks for int8 (block-quantized) momentum."""
+  return accumulator_dtype is not None and _checked_dtype(accumulator_dtype) == jnp.int8
 
 
 def _checked_dtype(accumulator_dtype: Any) -> jnp.dtype:
