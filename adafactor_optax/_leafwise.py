@@ -149,7 +149,9 @@ def tied_update(inner: optax.GradientTransformationExtraArgs, updates: Any, stat
   grads, treedef = jax.tree.flatten(updates)
   param_leaves = _up_to(treedef, params)
   split = _Split(state, treedef)
-  steps, states, tokens = [], [], []
+  steps: list = []
+  states: list = []
+  tokens: list = []
   for i, (p, g) in enumerate(zip(param_leaves, grads)):
     own = split.arrays(i)
     if i >= LAG:
