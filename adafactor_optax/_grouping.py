@@ -108,21 +108,29 @@ PLANS = {
 }
 
 
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("forced_plan", default=None)
+_TRACED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "traced_plans", default=tuple(PLANS))
 
 
 @contextlib.contextmanager
-def forced_plan(name: str) -> Iterator[None]:
-  """While tracing inside it, `per_backend` uses `PLANS[name]` alone.
+def traced_plans(*names: str) -> Iterator[None]:
+  """While tracing inside it, `per_backend` traces the plans of `names` alone.
 
-  For code already in one backend's branch (`_leafwise`'s TPU step), so that
-  the other backends' plans are not traced there too.
+  For code in one backend's branch already (`_leafwise`'s TPU step: "tpu"),
+  or in a branch that one backend never takes (its whole-tree step: "cpu",
+  "gpu"), so that plans that cannot be compiled there are not traced there.
+  The last name serves every backend not named.
   """
-  token = _FORCED.set(name)
+  token = _TRACED.set(names)
   try:
     yield
   finally:
-    _FORCED.reset(token)
+    _TRACED.reset(token)
+
+
+def forced_plan(name: str) -> contextlib.AbstractContextManager[None]:
+  """`traced_plans` of one plan: `per_backend` uses `PLANS[name]` for every backend."""
+  return traced_plans(name)
 
 
 def per_backend(step: Callable[..., Any], *args: Any) -> Any:
@@ -130,14 +138,14 @@ def per_backend(step: Callable[..., Any], *args: Any) -> Any:
 
   Lowered for one platform, only that platform's branch is compiled
   (`jax.lax.platform_dependent`); every branch computes the same values.
-  Inside `forced_plan`, that plan alone.
+  Inside `traced_plans`, only the plans it names are traced.
   """
-  forced = _FORCED.get()
-  if forced is not None:
-    return step(*args, plan=PLANS[forced])
-  branches = {name: functools.partial(step, plan=plan) for name, plan in PLANS.items()}
+  *named, default = _TRACED.get()
+  if not named:
+    return step(*args, plan=PLANS[default])
+  branches = {name: functools.partial(step, plan=PLANS[name]) for name in named}
   return jax.lax.platform_dependent(
-      *args, cpu=branches["cpu"], tpu=branches["tpu"], default=branches["gpu"])
+      *args, **branches, default=functools.partial(step, plan=PLANS[default]))
 
 
 def unshared(columns: Sequence[list], copies: int = 1, *, plan: Plan) -> list:

@@ -20,7 +20,9 @@ which XLA computes once; tied to a barrier they would be recomputed for every
 leaf (+500 us on that step).
 
 It is a TPU choice (`jax.lax.platform_dependent`): XLA:CPU and XLA:GPU compile
-the whole-tree chain as before.
+the whole-tree chain as before. A step that applies the updates otherwise than
+``p + u`` (`optax.apply_updates`, which Flax's optimizers call) keeps the
+order, but XLA:TPU then computes the new parameters twice.
 """
 
 import contextvars
@@ -131,7 +133,10 @@ def leaf_by_leaf(inner: optax.GradientTransformation) -> optax.GradientTransform
       return inner.update(updates, state, params, **extra_args)
 
     def whole(updates, state, params):
-      return inner.update(updates, state, params, **extra_args)
+      if "tpu" not in TIED_PLATFORMS:
+        return inner.update(updates, state, params, **extra_args)
+      with _grouping.traced_plans("cpu", "gpu"):  # TPU takes by_leaf: its plan is not traced here
+        return inner.update(updates, state, params, **extra_args)
 
     def by_leaf(updates, state, params):
       with _grouping.forced_plan("tpu"):  # also in the tests' CPU runs: the TPU's plan
