@@ -32,7 +32,7 @@ CONFIGS = {
     "path rule": dict(factor_rule=lambda path, shape: (
         None if "keep" in jax.tree_util.keystr(path) else ao.DEFAULT_FACTORING)),
     "weight decay": dict(learning_rate=1e-2, weight_decay_rate=1e-3),
-    "skip non-finite": dict(skip_non_finite=True),
+    "skip non-finite": dict(skip_non_finite=True),  # untied
     "stochastic rounding": dict(learning_rate=1e-2, momentum=0.9, dtype_momentum="int8",
                                 stochastic_rounding=True),
 }
@@ -68,7 +68,7 @@ def test_tied_step_equals_the_whole_tree_step(name, monkeypatch):
   with _grouping.forced_plan("tpu"):  # the tied step's plan (plans differ in rounding)
     expected = run(ao.adafactor(**CONFIGS[name]), params)
   monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",))
-  with _grouping.forced_plan("tpu"):  # where a config stays untied (int8 momentum)
+  with _grouping.forced_plan("tpu"):  # where a config stays untied (int8, skip_non_finite)
     got = run(ao.adafactor(**CONFIGS[name]), params)
   assert_equal(got, expected)
 
