@@ -51,10 +51,12 @@ TESTS = {
     "_schedules.py": ["tests/test_transforms.py"],
     "_sharding.py": ["tests/test_sharding.py"],
     "_step_size.py": ["tests/test_transforms.py", "tests/test_factoring.py"],
-    "_grouping.py": ["tests/test_grouping.py", "tests/test_transforms.py"],
+    "_grouping.py": ["tests/test_grouping.py", "tests/test_transforms.py",
+                     "tests/test_leafwise.py"],
     "_shapes.py": ["tests/test_shapes.py"],
-    "_rounding.py": ["tests/test_rounding.py"],
+    "_rounding.py": ["tests/test_rounding.py", "tests/test_leafwise.py"],
     "_quantize.py": ["tests/test_quantize.py"],
+    "_leafwise.py": ["tests/test_leafwise.py"],
 }
 
 # (module, code as written, replacement, what it breaks)
