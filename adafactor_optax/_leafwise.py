@@ -1,12 +1,13 @@
-"""On TPU, the step leaf by leaf: each leaf's inputs wait for the previous leaf's new value.
+"""On TPU, the step leaf by leaf: each leaf's inputs wait for an earlier leaf's new value.
 
 XLA:TPU's memory scheduler may order the step breadth-first: every leaf's
 reductions (row and column means, RMS(U), RMS(X)) first, every update last, so
 that each parameter and gradient is read long before it is written, and its
 memory-space assignment re-copies them between HBM and on-chip memory. The
 compiler's estimate of such a step is about twice that of the same program in
-depth-first order (v5p, 195 leaves, learning rate 1e-2: 1,564 against 776 us;
-`benchmarks/results/compiled_step_vs_optax_adafactor.md`).
+depth-first order (v5p, 195 leaves, learning rate 1e-2: 1,564 against 776 us
+when that order is forced; tied as below, 819 us and optax.adafactor's 855:
+`benchmarks/results/compiled_step_vs_optax_adafactor.md`, estimates).
 
 `leaf_by_leaf` fixes the order in the program itself: it runs the wrapped
 chain once per leaf, and passes leaf i's parameter, gradient and per-leaf state
