@@ -123,8 +123,10 @@ def leaf_by_leaf(inner: optax.GradientTransformation) -> optax.GradientTransform
   and state alone, plus state shared by all leaves (counts; a link that
   numbers leaves reads `first_leaf`): true of `adafactor`'s chain without
   diagnostics or a weight decay mask, which `adafactor` checks before it
-  wraps. The updates and state equal `inner`'s (`tests/test_leafwise.py` runs
-  the tied step on the CPU).
+  wraps. The updates and state equal `inner`'s: bit for bit on one device
+  (`tests/test_leafwise.py` runs the tied step on the CPU); under an Auto mesh
+  XLA may partition a reduction otherwise, as it may for the untied step
+  (`tests/test_sharding.py`).
   """
   inner = optax.with_extra_args_support(inner)
 

@@ -18,6 +18,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import adafactor_optax as ao
+from adafactor_optax import _leafwise
 from tests import transformer
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices")
@@ -105,9 +106,17 @@ def single_device_run():
   return params, state
 
 
+@pytest.fixture(params=[False, True], ids=["whole tree", "tied"])
+def tied(request, monkeypatch):
+  """Also the TPU's leaf-by-leaf step (`_leafwise`), run here on the CPU devices."""
+  if request.param:
+    monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",))
+  return request.param
+
+
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("mesh_shape", MESH_SHAPES, ids=str)
-def test_sharded_steps_equal_single_device(mesh_shape, mode, single_device_run):
+def test_sharded_steps_equal_single_device(mesh_shape, mode, single_device_run, tied):
   mesh = make_mesh(mesh_shape, mode)
   shardings = transformer.param_shardings(mesh)
   params = transformer.place(transformer.make_params(), shardings)
@@ -172,7 +181,7 @@ def compiled_step_collectives(mesh_shape, mode):
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name)
 @pytest.mark.parametrize("mesh_shape", MESH_SHAPES, ids=str)
-def test_update_communicates_row_and_column_sizes_only(mesh_shape, mode):
+def test_update_communicates_row_and_column_sizes_only(mesh_shape, mode, tied):
   sizes, param_bytes = compiled_step_collectives(mesh_shape, mode)
   # O(n + m): no collective larger than the longest statistic, L x vocab floats
   # (the embedding's rows), where moving a matrix would be L x d x d_ff floats.
