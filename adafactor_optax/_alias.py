@@ -79,10 +79,11 @@ def adafactor(
   [ema_momentum], [add_decayed_weights], scale(-1))``, with the clipping done
   inside `scale_by_factored_rms` (``clipping_threshold=d``): equal to a
   separate `clip_by_block_rms` link after it, in two fewer passes over
-  parameter-sized memory. Compiled for TPU, the chain is stepped leaf by
-  leaf, each leaf after the new parameter of the leaf two before it, so that
-  XLA:TPU cannot schedule the step breadth-first (the same arithmetic; not
-  with diagnostics, a weight decay mask, int8 momentum or skip_non_finite).
+  parameter-sized memory. Compiled for TPU, a tree of 64 leaves or more is
+  stepped leaf by leaf, each leaf after the new parameter of the leaf two
+  before it, so that XLA:TPU cannot schedule the step breadth-first (the same
+  arithmetic; not with diagnostics, a weight decay mask, int8 momentum or
+  skip_non_finite).
 
   It takes `optax.adafactor`'s arguments with the same meanings, in the same
   positional order (the arguments after them are keyword-only), and with an

@@ -68,6 +68,7 @@ def test_tied_step_equals_the_whole_tree_step(name, monkeypatch):
   with _grouping.forced_plan("tpu"):  # the tied step's plan (plans differ in rounding)
     expected = run(ao.adafactor(**CONFIGS[name]), params)
   monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",))
+  monkeypatch.setattr(_leafwise, "MIN_LEAVES", 2)
   with _grouping.forced_plan("tpu"):  # where a config stays untied (int8, skip_non_finite)
     got = run(ao.adafactor(**CONFIGS[name]), params)
   assert_equal(got, expected)

@@ -111,6 +111,7 @@ def tied(request, monkeypatch):
   """Also the TPU's leaf-by-leaf step (`_leafwise`), run here on the CPU devices."""
   if request.param:
     monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",))
+    monkeypatch.setattr(_leafwise, "MIN_LEAVES", 2)
   return request.param
 
 
