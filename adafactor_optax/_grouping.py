@@ -100,7 +100,7 @@ class Plan(NamedTuple):
 # leaves, lr 1e-2: 1,564 against 855 us, compiler's estimates): XLA:TPU's list memory
 # scheduler orders the step breadth-first. `adafactor` wraps its chain in
 # `_leafwise.leaf_by_leaf`, which ties each leaf to the new parameter of the leaf two before
-# it and traces the chain there with `PLANS["tpu"]` alone (`forced_plan`); that step
+# it and traces the chain there with `PLANS["tpu"]` alone (`traced_plans`); that step
 # estimates 819 us.
 PLANS = {
     "cpu": Plan(grouped=False, barriers=True, from_inputs=False),
@@ -120,18 +120,13 @@ def traced_plans(*names: str) -> Iterator[None]:
   For code in one backend's branch already (`_leafwise`'s TPU step: "tpu"),
   or in a branch that one backend never takes (its whole-tree step: "cpu",
   "gpu"), so that plans that cannot be compiled there are not traced there.
-  The last name serves every backend not named.
+  The last name serves every backend not named (one name: every backend).
   """
   token = _TRACED.set(names)
   try:
     yield
   finally:
     _TRACED.reset(token)
-
-
-def forced_plan(name: str) -> contextlib.AbstractContextManager[None]:
-  """`traced_plans` of one plan: `per_backend` uses `PLANS[name]` for every backend."""
-  return traced_plans(name)
 
 
 def per_backend(step: Callable[..., Any], *args: Any) -> Any:

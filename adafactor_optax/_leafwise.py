@@ -84,9 +84,9 @@ class _Split:
   def __init__(self, state: Any, treedef: Any):
     self.treedef = treedef
     self.items, self.structure = jax.tree.flatten(
-        state, is_leaf=lambda x: _mirrors(x, treedef))
+        state, is_leaf=lambda x: _per_leaf(x, treedef) is not None)
     # Per item: None for shared state, else one subtree per parameter leaf.
-    self.parts = [_up_to(treedef, x) if _mirrors(x, treedef) else None for x in self.items]
+    self.parts = [_per_leaf(x, treedef) for x in self.items]
 
   def arrays(self, i: int) -> list:
     """Leaf i's own state arrays."""
@@ -110,15 +110,14 @@ class _Split:
     return jax.tree.unflatten(self.structure, items)
 
 
-def _mirrors(x: Any, treedef: Any) -> bool:
-  """Whether `x` is a state subtree with one entry per parameter (the parameters' structure)."""
+def _per_leaf(x: Any, treedef: Any) -> list | None:
+  """`x`'s subtree per parameter when it has the parameters' structure, else None (shared)."""
   if x is None or hasattr(x, "shape"):
-    return False
+    return None
   try:
-    _up_to(treedef, x)
+    return _up_to(treedef, x)
   except (ValueError, TypeError):
-    return False
-  return True
+    return None
 
 
 def leaf_by_leaf(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
@@ -140,13 +139,13 @@ def leaf_by_leaf(inner: optax.GradientTransformation) -> optax.GradientTransform
       return inner.update(updates, state, params, **extra_args)
 
     def whole(updates, state, params):
-      if "tpu" not in TIED_PLATFORMS:
-        return inner.update(updates, state, params, **extra_args)
-      with _grouping.traced_plans("cpu", "gpu"):  # TPU takes by_leaf: its plan is not traced here
+      # Where TPU takes by_leaf, its plan is not traced here.
+      plans = ("cpu", "gpu") if "tpu" in TIED_PLATFORMS else tuple(_grouping.PLANS)
+      with _grouping.traced_plans(*plans):
         return inner.update(updates, state, params, **extra_args)
 
     def by_leaf(updates, state, params):
-      with _grouping.forced_plan("tpu"):  # also in the tests' CPU runs: the TPU's plan
+      with _grouping.traced_plans("tpu"):  # also in the tests' CPU runs: the TPU's plan
         return tied_update(inner, updates, state, params, **extra_args)
 
     tied = {name: by_leaf for name in TIED_PLATFORMS}

@@ -65,11 +65,11 @@ def test_tied_step_equals_the_whole_tree_step(name, monkeypatch):
   dtype = jnp.bfloat16 if "rounding" in name else jnp.float32
   params = params_tree(dtype)
   monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ())
-  with _grouping.forced_plan("tpu"):  # the tied step's plan (plans differ in rounding)
+  with _grouping.traced_plans("tpu"):  # the tied step's plan (plans differ in rounding)
     expected = run(ao.adafactor(**CONFIGS[name]), params)
   monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",))
   monkeypatch.setattr(_leafwise, "MIN_LEAVES", 2)
-  with _grouping.forced_plan("tpu"):  # where a config stays untied (int8, skip_non_finite)
+  with _grouping.traced_plans("tpu"):  # where a config stays untied (int8, skip_non_finite)
     got = run(ao.adafactor(**CONFIGS[name]), params)
   assert_equal(got, expected)
 
@@ -84,7 +84,7 @@ def test_int8_momentum_tied_directly():
   """`adafactor` leaves int8 momentum untied (it estimates lower so), but the tie is exact."""
   params = params_tree(jnp.float32)
   tx = ao.adafactor(1e-2, momentum=0.9, dtype_momentum="int8")
-  with _grouping.forced_plan("tpu"):
+  with _grouping.traced_plans("tpu"):
     expected = run(tx, params)
     tied = optax.GradientTransformation(tx.init, functools.partial(
         _leafwise.tied_update, optax.with_extra_args_support(tx)))
