@@ -10,7 +10,7 @@ Adafactor (Shazeer & Stern, arXiv:1804.04235) stored bfloat16 parameters this
 way.
 """
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,7 @@ def rounded_update(param: jax.Array, update: jax.Array, bits: jax.Array) -> jax.
   return (new.astype(wide) - x).astype(update.dtype)
 
 
-def random_bits(key: jax.Array, shape: tuple[int, ...], stream: int = 0) -> jax.Array:
+def random_bits(key: jax.Array, shape: tuple[int, ...], stream: Any = 0) -> jax.Array:
   """Random uint32 of `shape` from a JAX key, computed where they are used.
 
   Element ``i`` is a hash of the key's two words, of `stream` and of i's index
@@ -110,7 +110,7 @@ def random_bits(key: jax.Array, shape: tuple[int, ...], stream: int = 0) -> jax.
   leaf, which XLA:TPU runs as ~110 separate tiny instructions.
   """
   k = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
-  h = jnp.full(shape, _mix32(k[0] + jnp.uint32(stream)), jnp.uint32)
+  h = jnp.full(shape, _mix32(k[0] + jnp.asarray(stream).astype(jnp.uint32)), jnp.uint32)
   for axis in range(len(shape)):
     h = _mix32(h + jax.lax.broadcasted_iota(jnp.uint32, shape, axis))
   return _mix32(h ^ k[-1])
@@ -185,9 +185,10 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
     leaves, treedef = jax.tree.flatten(updates)
     out = []
     param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]  # (no stub)
-    for i, (u, p) in enumerate(zip(leaves, param_leaves), start=_leafwise.first_leaf()):
+    first = _leafwise.first_leaf()  # traced where leaves share a trace
+    for i, (u, p) in enumerate(zip(leaves, param_leaves)):
       if is_low_precision(p.dtype):
-        u = rounded_update(p, u, random_bits(step_key, p.shape, stream=i))
+        u = rounded_update(p, u, random_bits(step_key, p.shape, stream=first + i))
       out.append(u)
     return jax.tree.unflatten(treedef, out), StochasticRoundingState(optax.safe_increment(state.count))
 

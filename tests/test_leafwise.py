@@ -1,10 +1,11 @@
-"""`_leafwise`: the TPU's leaf-by-leaf step computes exactly what the whole-tree chain does.
+"""`_leafwise`: the leaf-by-leaf step computes exactly what the whole-tree chain does.
 
-The tied step is compiled only for TPU; here `TIED_PLATFORMS` adds the CPU, so
-that `adafactor()` as built runs it on the CPU and is compared, bit for bit,
-with the same optimizer untied. Whether XLA:TPU then orders the step leaf by
-leaf is read from a deviceless compile: the same estimate under its default
-scheduler as under a forced depth-first order.
+The CPU traces the chain leaf by leaf already; here it is compared, bit for
+bit, with the whole-tree chain (`LEAFWISE_PLATFORMS` emptied), under the CPU's
+plan and, tied in leaf order (`TIED_PLATFORMS` adds the CPU), under the TPU's.
+Whether XLA:TPU then orders the step leaf by leaf is read from a deviceless
+compile: the same estimate under its default scheduler as under a forced
+depth-first order.
 """
 
 import functools
@@ -14,6 +15,7 @@ import subprocess
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -23,6 +25,13 @@ import adafactor_optax as ao
 from adafactor_optax import _grouping, _leafwise
 from tests import test_compiled_step
 
+def stacked_twins(path, shape):
+  """Two leaves of one shape, factored otherwise: they must not share a trace."""
+  if len(shape) == 3:  # the same statistics; blocks per layer for one of them
+    return ao.FactorSpec(-2, -1, batch=(0,) if "twin" in jax.tree_util.keystr(path) else ())
+  return ao.DEFAULT_FACTORING
+
+
 CONFIGS = {
     "defaults": dict(),
     "learning rate": dict(learning_rate=1e-2),
@@ -31,10 +40,13 @@ CONFIGS = {
     "stacked layers": dict(factor_rule=ao.stacked_layers()),
     "path rule": dict(factor_rule=lambda path, shape: (
         None if "keep" in jax.tree_util.keystr(path) else ao.DEFAULT_FACTORING)),
+    "one shape, two rules": dict(factor_rule=stacked_twins),
     "weight decay": dict(learning_rate=1e-2, weight_decay_rate=1e-3),
     "skip non-finite": dict(skip_non_finite=True),  # untied
     "stochastic rounding": dict(learning_rate=1e-2, momentum=0.9, dtype_momentum="int8",
                                 stochastic_rounding=True),
+    "stochastic rounding, float momentum": dict(learning_rate=1e-2, momentum=0.9,
+                                                stochastic_rounding=True),
 }
 
 
@@ -45,6 +57,7 @@ def params_tree(dtype):
       "keep": jax.random.normal(keys[1], (48, 40)),
       "twin": jax.random.normal(keys[2], (64, 32)),  # same shape: its own random bits
       "scan": {"kernel": jax.random.normal(keys[3], (3, 16, 24))},
+      "scan_twin": {"kernel": jax.random.normal(keys[3], (3, 16, 24)) + 1.0},
       "scale": jnp.ones(()),
   }
   return jax.tree.map(lambda x: x.astype(dtype), tree)
@@ -60,18 +73,40 @@ def run(tx, params, steps=3):
   return params, state
 
 
+@pytest.mark.parametrize("plan, tied", [("cpu", False), ("tpu", True)])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_tied_step_equals_the_whole_tree_step(name, monkeypatch):
+def test_leaf_by_leaf_step_equals_the_whole_tree_step(name, plan, tied, monkeypatch):
   dtype = jnp.bfloat16 if "rounding" in name else jnp.float32
   params = params_tree(dtype)
+  monkeypatch.setitem(_grouping.PLANS, "cpu", _grouping.PLANS[plan])  # the CPU compiles it
+  monkeypatch.setattr(_leafwise, "LEAFWISE_PLATFORMS", ())
   monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ())
-  with _grouping.traced_plans("tpu"):  # the tied step's plan (plans differ in rounding)
-    expected = run(ao.adafactor(**CONFIGS[name]), params)
-  monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",))
+  expected = run(ao.adafactor(**CONFIGS[name]), params)
+  monkeypatch.setattr(_leafwise, "LEAFWISE_PLATFORMS", ("cpu",))
+  monkeypatch.setattr(_leafwise, "TIED_PLATFORMS", ("cpu",) if tied else ())
   monkeypatch.setattr(_leafwise, "MIN_LEAVES", 2)
-  with _grouping.traced_plans("tpu"):  # where a config stays untied (int8, skip_non_finite)
-    got = run(ao.adafactor(**CONFIGS[name]), params)
+  got = run(ao.adafactor(**CONFIGS[name]), params)
   assert_equal(got, expected)
+
+
+def test_equal_leaves_share_one_trace(monkeypatch):
+  """Twelve layers of one shape: the chain is traced for one, not for twelve."""
+  monkeypatch.setattr(_leafwise, "MIN_LEAVES", 2)
+  params = {f"layer{i}": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)} for i in range(12)}
+  tx = ao.adafactor(1e-2)
+  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
+  leaf_steps = [e for e in equations(jaxpr.jaxpr) if e.primitive.name in ("pjit", "jit")
+                and e.params.get("name") == "one_leaf"]
+  assert len(leaf_steps) == 2 * 24  # the CPU's branch and the TPU's
+  assert len({id(e.params["jaxpr"]) for e in leaf_steps}) == 2 * 2  # a kernel and a bias
+
+
+def equations(jaxpr):
+  """Every equation of `jaxpr`, in its sub-jaxprs too (the backends' branches)."""
+  for e in jaxpr.eqns:
+    yield e
+    for sub in jax.extend.core.jaxprs_in_params(e.params):
+      yield from equations(sub)
 
 
 def assert_equal(got, expected):
@@ -87,7 +122,7 @@ def test_int8_momentum_tied_directly():
   with _grouping.traced_plans("tpu"):
     expected = run(tx, params)
     tied = optax.GradientTransformation(tx.init, functools.partial(
-        _leafwise.tied_update, optax.with_extra_args_support(tx)))
+        _leafwise.leafwise_update, optax.with_extra_args_support(tx)))
     assert_equal(run(tied, params), expected)
 
 
@@ -97,7 +132,7 @@ def test_tied_step_is_traced_leaf_by_leaf(monkeypatch):
   params = params_tree(jnp.float32)
   tx = _leafwise.leaf_by_leaf(optax.chain(ao.scale_by_factored_rms(), optax.scale(-1e-2)))
   state = tx.init(params)
-  jaxpr = jax.make_jaxpr(lambda p, s: _leafwise.tied_update(
+  jaxpr = jax.make_jaxpr(lambda p, s: _leafwise.leafwise_update(
       optax.with_extra_args_support(tx), p, s, p))(params, state)
   barriers = [e for e in jaxpr.eqns if e.primitive.name == "optimization_barrier"]
   assert len(barriers) == len(jax.tree.leaves(params)) - _leafwise.LAG
