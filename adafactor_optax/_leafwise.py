@@ -240,7 +240,9 @@ def leafwise_update(
     (u,) = jax.tree.leaves(u)
     return (u, *split.cut(leaf.position, s))
 
-  traced = jax.jit(one_leaf, static_argnums=6)
+  # Called eagerly (no outer trace), a jit per call would compile each leaf anew.
+  tracing = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, params)))
+  traced = jax.jit(one_leaf, static_argnums=6) if tracing else one_leaf
   steps: list = []
   owns: list = []
   tokens: list = []

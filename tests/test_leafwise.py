@@ -180,3 +180,19 @@ print(json.dumps(out))
   (ours, ours_dfs), (optax_est, _) = out["ours"], out["optax"]
   assert ours <= 1.02 * ours_dfs, out
   assert ours <= optax_est, out
+
+
+def test_eager_update_equals_the_whole_tree_one(monkeypatch):
+  """Called outside jit, the leaves are stepped one by one, each without a jit of its own."""
+  params = params_tree(jnp.float32)
+  tx = ao.adafactor(1e-2, momentum=0.9)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: jnp.sin(3.0 * x) + 0.1, params)
+  monkeypatch.setattr(_leafwise, "LEAFWISE_PLATFORMS", ())
+  expected = tx.update(grads, state, params)
+  monkeypatch.setattr(_leafwise, "LEAFWISE_PLATFORMS", ("cpu",))
+  monkeypatch.setattr(_leafwise, "MIN_LEAVES", 2)
+  compiled, jit = [], jax.jit
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: compiled.append(a) or jit(*a, **k))
+  assert_equal(tx.update(grads, state, params), expected)
+  assert not compiled
