@@ -11,6 +11,7 @@ most ``n + 4 n / 128`` bytes, 1.03 per element.
 """
 
 import collections.abc
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -109,13 +110,69 @@ def _on_mesh_of(x: jax.Array, entries: tuple[Any, ...]) -> NamedSharding:
   return NamedSharding(jax.typeof(x).sharding.mesh, PartitionSpec(*entries))
 
 
-def quantize(x: jax.Array) -> BlockQuantized:
-  """`x` (float32) as int8 values rounded to nearest and per-block absmax scales."""
+# On TPU, a float32 array (..., R, C) lies in tiles of 8 rows by 128 columns. When
+# the blocks are 128 long and R a multiple of 8, `_tiles` views it as (..., R / 8,
+# C / 128, 8, 128), one tile per last two axes, which the TPU compiler keeps as a
+# bitcast: it reduces each block in the kernel that computes m_t, and broadcasts
+# the scales back in the kernel that writes the values. The (..., blocks,
+# block_size) reshape of `_blocks` is a relayout there (a float32 copy of m_t for
+# the block max, the per-block factors broadcast to the parameter's size: 0.45x
+# the parameter bytes of temporaries, v5p, 195 leaves). Other backends and
+# shapes keep `_blocks`; both compute the same values.
+_TILE = (8, 128)
+
+
+def _tiled(shape: Sequence[int]) -> bool:
+  """Whether the blocks of an array of `shape` are whole rows of TPU tiles."""
+  return (len(shape) >= 2 and shape[-2] % _TILE[0] == 0
+          and shape[-1] // num_blocks(shape) == _TILE[1])
+
+
+def _tiles(x: jax.Array) -> jax.Array:
+  """(..., R, C) as (..., R / 8, C / 128, 8, 128): its TPU tiles."""
+  rows, lanes = _TILE
+  lead, r, c = x.shape[:-2], x.shape[-2], x.shape[-1]
+  return jnp.swapaxes(x.reshape(lead + (r // rows, rows, c // lanes, lanes)), -3, -2)
+
+
+def _tile_scales(t: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Per-tile-row values (..., R / 8, C / 128, 8) in the scales' shape of `shape`."""
+  return jnp.swapaxes(t, -2, -1).reshape(scales_shape(shape))
+
+
+def _per_tile(s: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Scales-shaped `s` repeated over each block, in `shape`, through the tiles."""
+  rows, lanes = _TILE
+  lead, r, nb = tuple(shape[:-2]), shape[-2], num_blocks(shape)
+  t = jnp.swapaxes(s.reshape(lead + (r // rows, rows, nb)), -2, -1)
+  t = jax.lax.broadcast_in_dim(t, lead + (r // rows, nb, rows, lanes), tuple(range(len(lead) + 3)))
+  return jnp.swapaxes(t, -3, -2).reshape(tuple(shape))
+
+
+def _on_tpu_tiles(x: jax.Array) -> bool:
+  """Whether `x` takes the tiled form on TPU: tiled blocks, no Explicit mesh axes."""
+  return _tiled(x.shape) and _explicit_spec(x) is None
+
+
+def _quantize_tiles(x: jax.Array) -> BlockQuantized:
+  scales = _tile_scales(jnp.max(_tiles(jnp.abs(x)), axis=-1, initial=0), x.shape)
+  inverse = jnp.where(scales > 0, _LEVELS / scales, 0).astype(x.dtype)
+  return BlockQuantized(jnp.round(x * _per_tile(inverse, x.shape)).astype(jnp.int8), scales)
+
+
+def _quantize_blocks(x: jax.Array) -> BlockQuantized:
   blocks = _blocks(x)
   scales = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True, initial=0)
   inverse = jnp.where(scales > 0, _LEVELS / scales, 0).astype(blocks.dtype)
   values = jnp.round(blocks * inverse).astype(jnp.int8)
   return BlockQuantized(_unblocks(values, x), scales.reshape(scales_shape(x.shape)))
+
+
+def quantize(x: jax.Array) -> BlockQuantized:
+  """`x` (float32) as int8 values rounded to nearest and per-block absmax scales."""
+  if _on_tpu_tiles(x):
+    return jax.lax.platform_dependent(x, tpu=_quantize_tiles, default=_quantize_blocks)
+  return _quantize_blocks(x)
 
 
 def is_quantized(x: Any) -> bool:
@@ -132,9 +189,22 @@ def dequantize(q: BlockQuantized, dtype=jnp.float32) -> jax.Array:
   """The array `q` stands for, in `dtype` (computed in float32); `q` may be a mapping of it."""
   if isinstance(q, collections.abc.Mapping):
     q = BlockQuantized(q["values"], q["scales"])
-  blocks = _blocks(q.values).astype(jnp.float32)
-  step = (q.scales.reshape(blocks.shape[:-1] + (1,)) / _LEVELS).astype(jnp.float32)
-  return _unblocks(blocks * step, q.values).astype(dtype)
+  if _on_tpu_tiles(q.values):
+    return jax.lax.platform_dependent(
+        q.values, q.scales, tpu=functools.partial(_dequantize_tiles, dtype=dtype),
+        default=functools.partial(_dequantize_blocks, dtype=dtype))
+  return _dequantize_blocks(q.values, q.scales, dtype=dtype)
+
+
+def _dequantize_tiles(values: jax.Array, scales: jax.Array, *, dtype: Any) -> jax.Array:
+  step = (scales / _LEVELS).astype(jnp.float32)
+  return (values.astype(jnp.float32) * _per_tile(step, values.shape)).astype(dtype)
+
+
+def _dequantize_blocks(values: jax.Array, scales: jax.Array, *, dtype: Any) -> jax.Array:
+  blocks = _blocks(values).astype(jnp.float32)
+  step = (scales.reshape(blocks.shape[:-1] + (1,)) / _LEVELS).astype(jnp.float32)
+  return _unblocks(blocks * step, values).astype(dtype)
 
 
 def zeros_like_param(param: jax.Array) -> BlockQuantized:

@@ -1,6 +1,8 @@
 """8-bit momentum: per-block int8 storage against a float64 reference, its memory, and
 how it composes with the rest (sharding, checkpoints, wrappers, Flax, low precision)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,29 @@ def test_quantize_matches_float64_reference(shape):
   if x.size:
     step = np.repeat(scales, x.shape[-1] // scales.shape[-1], axis=-1) / 127 if x.ndim else scales
     assert np.all(np.abs(np.asarray(_quantize.dequantize(q)) - x) <= 0.5 * step * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("shape", [(16, 256), (24, 4096), (2, 8, 128), (512, 2048)], ids=str)
+def test_tpu_tiled_form_is_the_same_quantization(shape):
+  """The TPU's form (blocks as rows of (8, 128) tiles) gives the blocks' bits, run here."""
+  rng = np.random.default_rng(1)
+  x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 3, shape)).astype(np.float32)
+  x[..., :8, :128] = 0.0  # an all-zero block
+  assert _quantize._tiled(shape)
+  tiled, blocks = (jax.jit(f)(jnp.asarray(x))
+                   for f in (_quantize._quantize_tiles, _quantize._quantize_blocks))
+  np.testing.assert_array_equal(tiled.values, blocks.values)
+  np.testing.assert_array_equal(tiled.scales, blocks.scales)
+  np.testing.assert_allclose(tiled.scales, reference_quantize(x)[1], rtol=0)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    got, expected = (jax.jit(functools.partial(f, dtype=dtype))(blocks.values, blocks.scales)
+                     for f in (_quantize._dequantize_tiles, _quantize._dequantize_blocks))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+
+
+@pytest.mark.parametrize("shape", [(12, 256), (8, 384), (256,), ()], ids=str)
+def test_other_shapes_keep_the_blocks_form(shape):
+  assert not _quantize._tiled(shape)  # rows not whole tiles, or blocks not 128 long
 
 
 def reference_momentum(updates, b1):
