@@ -88,13 +88,22 @@ def test_temporaries_control_shared_u_is_materialised():
   assert temp_bytes(optax.adafactor(), params) > 0.9 * param_bytes
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_int8_momentum_temporaries(dtype):
-  """What int8 momentum costs today (not the goal of none): its block absmax and
-  its rounding to int8 both read m_t, and XLA:CPU writes m_t in float32 (plus
-  the update in the parameters' dtype for bfloat16) rather than recompute the
-  whole step for each: one float32 copy of the parameters, not more."""
-  params = jax.tree.map(lambda x: x.astype(dtype), tree())
-  f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+def test_int8_momentum_temporaries():
+  """int8 momentum writes no float32 m_t: its block max and its int8 values are
+  each computed from the step's inputs (`_quantize`'s CPU form), and the state
+  is updated in place (no copy of the old values)."""
+  params = tree()
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
   temp = temp_bytes(ao.adafactor(momentum=0.9, dtype_momentum="int8"), params)
-  assert 0.9 * f32_bytes < temp < 1.6 * f32_bytes
+  assert temp < 0.05 * param_bytes
+
+
+def test_int8_momentum_temporaries_bfloat16():
+  """What bfloat16 parameters still cost (not the goal of none): the update that
+  reaches the momentum is rounded to bfloat16, and XLA:CPU writes that narrowing
+  once rather than recompute it for both the block max and the values: one
+  bfloat16 copy of the parameters, not more (it was 2.5x before the CPU form)."""
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree())
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  temp = temp_bytes(ao.adafactor(momentum=0.9, dtype_momentum="int8"), params)
+  assert 0.8 * param_bytes < temp < 1.2 * param_bytes

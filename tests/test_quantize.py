@@ -81,6 +81,67 @@ def test_other_shapes_keep_the_blocks_form(shape):
   assert not _quantize._tiled(shape)  # rows not whole tiles, or blocks not 128 long
 
 
+def finite_values(shape, seed):
+  """Magnitudes over 6 decades, with an all-zero block, and a block of -0.0 whose
+  largest magnitude is a float32 subnormal."""
+  rng = np.random.default_rng(seed)
+  x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 3, shape)).astype(np.float32)
+  flat = x.reshape(-1, x.shape[-1])
+  size = x.shape[-1] // reference_num_blocks(x.shape[-1])
+  flat[0, :size] = 0.0
+  if flat.shape[0] > 1:
+    flat[1, :size] = -0.0
+    flat[1, size // 2] = -3e-42
+  return x
+
+
+@pytest.mark.parametrize("shape", [(12, 256), (4, 768), (3, 200), (6, 512), (300,), (2, 3, 768)],
+                         ids=str)
+def test_cpu_flat_form_is_the_same_quantization(shape):
+  """The CPU's form (a block max on the bits, values in the array's shape) gives the
+  blocks' bits and the float64 reference's scales; a block whose largest magnitude
+  is subnormal has scale 0, as XLA:CPU's float max (it flushes subnormals) gives."""
+  x = finite_values(shape, seed=2)
+  assert _quantize._flat(jnp.asarray(x))
+  flat, blocks = (jax.jit(f)(jnp.asarray(x))
+                  for f in (_quantize._quantize_flat, _quantize._quantize_blocks))
+  np.testing.assert_array_equal(flat.values, blocks.values)
+  np.testing.assert_array_equal(flat.scales, blocks.scales)
+  expected = reference_quantize(x)[1]
+  expected[expected < np.finfo(np.float32).tiny] = 0
+  np.testing.assert_array_equal(flat.scales, expected)
+  for dtype in (jnp.float32, jnp.bfloat16):
+    got, want = (jax.jit(functools.partial(f, dtype=dtype))(blocks.values, blocks.scales)
+                 for f in (_quantize._dequantize_flat, _quantize._dequantize_blocks))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+def test_a_non_finite_block_stays_non_finite():
+  """A NaN or an infinity in m_t makes its block's scale NaN or infinite and the
+  whole block non-finite when read back, as float32 momentum keeps it (the float64
+  reference's max): it is not dropped. Other blocks are untouched."""
+  x = finite_values((8, 512), seed=3)
+  x[2, 130] = np.nan  # block 1 of row 2
+  x[5, 500] = -np.inf  # block 3 of row 5
+  q = jax.jit(_quantize.quantize)(jnp.asarray(x))
+  scales = np.asarray(q.scales)
+  assert np.isnan(scales[2, 1]) and scales[5, 3] == np.inf
+  back = np.asarray(jax.jit(_quantize.dequantize)(q))
+  assert not np.any(np.isfinite(back[2, 128:256])) and not np.any(np.isfinite(back[5, 384:]))
+  finite = np.ones(scales.shape, bool)
+  finite[2, 1] = finite[5, 3] = False
+  expected = reference_quantize(np.where(np.isfinite(x), x, 0))[1]
+  expected[expected < np.finfo(np.float32).tiny] = 0
+  np.testing.assert_array_equal(scales[finite], expected[finite])
+  assert np.all(np.isfinite(back.reshape(8, 4, 128)[finite]))
+
+
+@pytest.mark.parametrize("shape", [(3, 254), (2, 50257), ()], ids=str)
+def test_blocks_that_do_not_split_keep_the_blocks_form_on_cpu(shape):
+  """A block of 254 (2 x 127) or 50257 elements has no two stages of at most 32."""
+  assert not _quantize._flat(jnp.zeros(shape))
+
+
 def reference_momentum(updates, b1):
   """NumPy float64 EMA whose state is re-quantized every step (what the transform stores)."""
   m = np.zeros_like(updates[0], np.float64)
