@@ -177,8 +177,9 @@ def to_markdown(result):
       "properties of the compiled program; nothing ran on a TPU or GPU, and no figure here is a "
       "timing. Ratios (`x adam`) are against `optax.adam` in the same run with the same "
       "parameter dtype. `ours` is `adafactor_optax.adafactor()` at its defaults (on the scanned "
-      "tree with a per-layer `factor_rule`: `FactorSpec(-2, -1, batch=(0,))` for stacked "
-      "matrices); `ours bf16` and `adam bf16` step the same tree in bfloat16.",
+      "tree with the README's `factor_rule=ao.stacked_layers()`: `FactorSpec(-2, -1, "
+      "batch=(0,))` for stacked matrices, the default factoring for the rest); `ours bf16` and "
+      "`adam bf16` step the same tree in bfloat16.",
       "",
       "What is counted:",
       "",

@@ -50,10 +50,9 @@ SMOKE_TREES = {
 }
 
 
-def per_layer(path, shape):
-  """Each layer of a stack (layers, d, f) its own d x f matrix (the README's rule)."""
-  del path
-  return ao.FactorSpec(-2, -1, batch=(0,)) if len(shape) == 3 else None
+# The README's rule for stacked trees: each layer of a stack (layers, d, f) its own
+# d x f matrix, every other leaf (the embedding) factored as with no rule.
+per_layer = ao.stacked_layers()
 
 
 # name -> (make(rule) -> tx, parameter dtype). `rule` is `per_layer` for stacked trees.
