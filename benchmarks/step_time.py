@@ -92,6 +92,7 @@ def optimizers() -> dict[str, optax.GradientTransformation]:
       "optax.adafactor": optax.adafactor(learning_rate=1e-2),
       "ours": ao.adafactor(),
       "ours+momentum": ao.adafactor(momentum=0.9),
+      "ours+int8 momentum": ao.adafactor(momentum=0.9, dtype_momentum="int8"),
   }
 
 
@@ -211,12 +212,13 @@ def to_markdown(results: list[dict], repeats: int, command: str) -> str:
           f"{o['compile_s']:.2f} |"
       )
     ours, adam, optax_af = (opts[k]["step_s"] for k in ("ours", "adam", "optax.adafactor"))
-    mom = opts["ours+momentum"]["step_s"]
+    mom, int8 = (opts[k]["step_s"] for k in ("ours+momentum", "ours+int8 momentum"))
     lines += [
         "",
         f"ours / adam = {ours / adam:.2f}; ours / optax.adafactor = {ours / optax_af:.2f}; "
         f"ours+momentum / adam = {mom / adam:.2f}; "
-        f"ours+momentum / optax.adafactor = {mom / optax_af:.2f}.",
+        f"ours+momentum / optax.adafactor = {mom / optax_af:.2f}; "
+        f"ours+int8 momentum / ours+momentum = {int8 / mom:.2f}.",
         "",
     ]
   return "\n".join(lines)
