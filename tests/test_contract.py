@@ -195,9 +195,11 @@ def _minimise(tx, loss, x0, steps):
   return x, losses
 
 
-# Final loss bounds after the given steps: Rosenbrock's loss (starting at 24.2) and the
-# parabola's loss as a fraction of its start (~1e4). Each sits 1.4-10x above the loss
-# measured with jax 0.10.2 on CPU (Rosenbrock: 1.9e-2, 1.3e-11, 2.2e-2, 2.4e-2, 0.25;
+# Loss bounds after the given steps: Rosenbrock's lowest loss of the last 500 steps
+# (starting at 24.2) and the parabola's final loss as a fraction of its start (~1e4). Each
+# sits 1.4-10x above the loss measured with jax 0.10.2 on CPU (Rosenbrock, final losses on
+# an Intel Xeon: 1.9e-2, 1.3e-11, 2.2e-2, 2.4e-2, 0.25; lowest of the last 500 on an AMD
+# EPYC: 1.8e-2, 1.3e-13, 2.2e-2, 2.0e-2, 0.25;
 # parabola: 9.0e-14, 5.8e-9, 3.8e-7, 9.0e-14, 7.7e-6), so that wrong variants fail:
 # see test_convergence_bounds_reject_wrong_optimizers.
 CONVERGENCE = {
@@ -215,7 +217,12 @@ def test_converges_on_rosenbrock(name):
     return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
 
   _, losses = _minimise(OPTIMIZERS[name](), rosenbrock, jnp.array([-1.2, 1.0]), 5000)
-  assert float(losses[-1]) < CONVERGENCE[name][0], float(losses[-1])
+  # The lowest loss of the last 500 steps, not the last one: a normalised step does not
+  # vanish at a fixed learning rate, and with momentum the iterate keeps circling the
+  # minimum (losses 1e-13 to 0.2 in those steps), so the last step's loss depends on the
+  # phase it ends in: 1.3e-11 measured on an Intel Xeon, 3.7e-2 on an AMD EPYC, with the
+  # same jax. Without momentum, or with b1 = 0.5, this lowest loss is 0.26 and 5.4e-2.
+  assert float(jnp.min(losses[-500:])) < CONVERGENCE[name][0], float(jnp.min(losses[-500:]))
 
 
 @names
