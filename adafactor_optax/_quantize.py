@@ -200,8 +200,13 @@ def _flat(x: jax.Array) -> bool:
           and _explicit_spec(x) is None)
 
 
+@jax.custom_jvp
 def _block_max_by_bits(blocks: jax.Array) -> jax.Array:
-  """Float32 `blocks` (..., blocks, size): each block's largest magnitude (..., blocks)."""
+  """Float32 `blocks` (..., blocks, size): each block's largest magnitude (..., blocks).
+
+  Differentiable as the float max is (the bits carry no derivative): the tangent of
+  the elements that attain the max, signed, averaged over them when they tie.
+  """
   size = blocks.shape[-1]
   inner = _stages(size) or 1
   bits = jax.lax.bitcast_convert_type(blocks, jnp.int32) & jnp.int32(0x7FFFFFFF)
@@ -210,6 +215,15 @@ def _block_max_by_bits(blocks: jax.Array) -> jax.Array:
   # XLA:CPU flushes float32 subnormals to zero: the float max of a block of them is 0.
   top = jnp.where(top < _SMALLEST_NORMAL_BITS, 0, top)
   return jax.lax.bitcast_convert_type(top, jnp.float32)
+
+
+@_block_max_by_bits.defjvp
+def _block_max_by_bits_jvp(primals, tangents):
+  (blocks,), (tangent,) = primals, tangents
+  top = _block_max_by_bits(blocks)
+  attains = jnp.abs(blocks) == top[..., None]
+  ties = jnp.maximum(jnp.sum(attains, axis=-1), 1).astype(blocks.dtype)
+  return top, jnp.sum(jnp.where(attains, jnp.sign(blocks) * tangent, 0), axis=-1) / ties
 
 
 def _per_block(s: jax.Array, shape: Sequence[int]) -> jax.Array:

@@ -116,6 +116,23 @@ def test_cpu_flat_form_is_the_same_quantization(shape):
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
+def test_cpu_flat_form_differentiates_as_the_blocks_form():
+  """The bits carry no derivative; the max's own does, ties split (a meta-gradient
+  through int8 momentum flows through the scales: test_meta_gradient.py)."""
+  x = np.random.default_rng(4).standard_normal((4, 512)).astype(np.float32)
+  top = 2 * np.abs(x[0, :128]).max()
+  x[0, 3], x[0, 5] = -top, top  # a tie for block 0's max
+  w = jnp.asarray(np.random.default_rng(5).standard_normal(x.shape), jnp.float32)
+
+  def loss(quantize_form):
+    return lambda x: jnp.sum(w * _quantize._dequantize_blocks(*quantize_form(x), dtype=jnp.float32))
+
+  flat, blocks = (jax.jit(jax.grad(loss(f)))(jnp.asarray(x))
+                  for f in (_quantize._quantize_flat, _quantize._quantize_blocks))
+  assert np.count_nonzero(np.asarray(blocks)) >= 16  # one (or two, tied) per block
+  np.testing.assert_allclose(flat, blocks, rtol=1e-6, atol=0)
+
+
 def test_a_non_finite_block_stays_non_finite():
   """A NaN or an infinity in m_t makes its block's scale NaN or infinite and the
   whole block non-finite when read back, as float32 momentum keeps it (the float64
