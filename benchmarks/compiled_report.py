@@ -134,21 +134,27 @@ def pod_markdown(rows):
       "",
       "FSDP x tensor parallelism (mesh axes `('fsdp', 'tp')`, logical axes as "
       "`benchmarks/memory.py`), state placed by `adafactor_optax.state_shardings`, params and "
-      "state donated. Per chip:",
+      "state donated. Per chip. `x statistics' floor`: the collective bytes over those that "
+      "the factored statistics alone must move, each row or column statistic's partial sums "
+      "once where the axis it sums over is split over devices (operand and result, as "
+      "`collectives` counts; `statistics_floor_bytes` in `compiled_step.py`); adam needs none.",
       "",
       "| target | mesh | optimizer | param MiB | args / param bytes | temp / param bytes "
-      "| collective MiB | collectives / param bytes | collectives (count: kind) "
-      "| kernels | TPU est. x adam |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| collective MiB | collectives / param bytes | x statistics' floor "
+      "| collectives (count: kind) | kernels | TPU est. x adam |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     kinds = ", ".join(f"{n}: {k}" for k, (n, _) in sorted(r["collectives"].items())) or "none"
+    floor = (f"{r['collective_bytes'] / r['statistics_floor_bytes']:.3f}"
+             if r.get("statistics_floor_bytes") else "-")
     lines.append(
         f"| {r['target']} ({r['topology']}) | {r['mesh']} | {r['optimizer']} | "
         f"{r['param_bytes_per_chip'] / 2**20:,.1f} | "
         f"{r['argument_bytes'] / r['param_bytes_per_chip']:.2f} | "
         f"{r['temp_per_param_byte']:.3f} | {r['collective_bytes'] / 2**20:,.2f} | "
-        f"{r['collective_bytes'] / r['param_bytes_per_chip']:.4f} | {kinds} | {r['kernels']:,} | "
+        f"{r['collective_bytes'] / r['param_bytes_per_chip']:.4f} | {floor} | {kinds} | "
+        f"{r['kernels']:,} | "
         f"{fmt(r['tpu_est_s_vs_adam'], '.2f')} |")
   return lines + [""]
 

@@ -48,6 +48,7 @@ if __name__ == "__main__":
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import sys
@@ -114,6 +115,43 @@ def pod_shapes(smoke):
           memory.decoder_shapes(2048, 5632, 22, 32, 4, 64, 32000))
 
 
+def _shard_elements(shape, sharding):
+  return math.prod(sharding.shard_shape(tuple(shape)))
+
+
+def statistics_floor_bytes(tx, params):
+  """Per chip, the collective bytes that the factored statistics alone must move.
+
+  A factored parameter's row statistic sums G^2 over its columns: where the
+  column axis is split over devices, each chip holds a partial sum of its rows'
+  shard, which crosses devices once (an all-reduce: its operand and its result,
+  counted as `collectives` counts them); the column statistic likewise over
+  the rows. Parameters without factored statistics need none. The scalars of
+  clipping and the parameter scale are left out (a few bytes per leaf).
+  """
+  state = jax.eval_shape(tx.init, params)
+  shardings = ao.state_shardings(tx, params)
+  factored = lambda x: isinstance(x, ao.FactoredMoment)
+  total = 0
+  for part, placed in zip(state, shardings):
+    if not isinstance(part, ao.ScaleByFactoredRmsState):
+      continue
+    moments = jax.tree.leaves(part.nu, is_leaf=factored)
+    places = jax.tree.leaves(placed.nu, is_leaf=factored)
+    for p, m, s in zip(jax.tree.leaves(params), moments, places):
+      if not factored(m):
+        continue
+      spec = tuple(p.sharding.spec) + (None,) * (p.ndim - len(p.sharding.spec))
+      sizes = dict(zip(p.sharding.mesh.axis_names, p.sharding.mesh.axis_sizes))
+      split = [math.prod(sizes[a] for a in ((e,) if isinstance(e, str) else e or ()))
+               for e in spec]
+      for stat, where in ((m.v_row, s.v_row), (m.v_col, s.v_col)):
+        summed = [a for a in range(p.ndim) if stat.shape[a] == 1 and p.shape[a] > 1]
+        if any(split[a] > 1 for a in summed):
+          total += 2 * _shard_elements(stat.shape, where) * jnp.dtype(stat.dtype).itemsize
+  return total
+
+
 def pod_section(targets, optimizers, smoke, log):
   description, shapes = pod_shapes(smoke)
   rows, total = [], len(targets) * len(optimizers)
@@ -133,6 +171,7 @@ def pod_section(targets, optimizers, smoke, log):
                  param_bytes_per_chip=per_chip)
       row.update(compile_and_measure(tx, params, ao.state_shardings(tx, params), platform_name))
       row["collective_bytes"] = sum(b for _, b in row["collectives"].values())
+      row["statistics_floor_bytes"] = statistics_floor_bytes(tx, params)
       rows.append(row)
       log(f"  [{len(rows)}/{total}] pod {target:8s} {name:16s} args/param "
           f"{row['argument_bytes'] / per_chip:.2f}  "

@@ -121,6 +121,17 @@ def test_pod_slice_shards_state_and_counts_collectives(smoke):
     # axis do.
     assert adam["collective_bytes"] == 0 and adam["collectives"] == {}
     assert ours["collective_bytes"] > 0
+    # What the factored statistics alone must move, by hand: the smoke decoder (d 256,
+    # d_ff 512, 2 layers, q/o 256 wide, k/v 128, vocab 1024) on fsdp 2 x tp 2, every
+    # matrix split on both axes, so each row and column statistic all-reduces its
+    # shard once (operand + result, 4 bytes a float): embed and lm_head
+    # 2 x 4 x (512 + 128) each, q and o 2 x 4 x 2 x (128 + 128), k and v
+    # 2 x 4 x 2 x (128 + 64), gate, up and down 2 x 4 x 2 x (128 + 256). Norms are not
+    # factored.
+    floor = 2 * 5120 + 2 * 4096 + 2 * 3072 + 3 * 6144
+    assert ours["statistics_floor_bytes"] == floor == 43_008
+    # Ours moves those and the clipping and parameter-scale scalars, nothing more.
+    assert floor <= ours["collective_bytes"] <= 1.05 * floor
 
 
 @needs_aot
