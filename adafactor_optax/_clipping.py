@@ -17,7 +17,8 @@ def clipping_denominator(rms: jax.Array, threshold: jax.typing.ArrayLike) -> jax
 def clip_to_rms(u: jax.Array, rms: jax.Array, threshold: jax.typing.ArrayLike) -> jax.Array:
   """``Uc = U / max(1, RMS(U) / d)`` given ``RMS(U)`` (per block), in `u`'s dtype."""
   u_wide = _numerics.upcast(u)
-  return (u_wide / clipping_denominator(rms, threshold).astype(u_wide.dtype)).astype(u.dtype)
+  return _numerics.narrow(u_wide / clipping_denominator(rms, threshold).astype(u_wide.dtype),
+                          u.dtype)
 
 
 def clip_by_block_rms(

@@ -140,13 +140,19 @@ def _inverse_sqrt_factors(nu: Any, dtype: Any, row_mean: Any = None) -> tuple[ja
   return (jax.lax.rsqrt(nu.astype(dtype)),)
 
 
-def precondition(grad: jax.Array, nu: Any, row_mean: Any = None) -> jax.Array:
+def precondition(
+    grad: jax.Array, nu: Any, row_mean: Any = None, *, narrow: Any = None
+) -> jax.Array:
   """``U = G / sqrt(V)``, with ``V = R C / mean(R)`` for a factored parameter.
 
   Args:
     grad: G, the gradient of one parameter.
     nu: its statistics after `accumulate`.
     row_mean: mean(R), when known (`row_mean_update`); else taken of `nu`.
+    narrow: ``(u, dtype) -> u in dtype``, how U is brought to the gradient's
+      dtype; None: ``astype``. The update takes `_numerics.narrow`; RMS(U) keeps
+      ``astype``, which XLA:CPU's library reduction fuses and integer
+      rounding it does not.
 
   Returns:
     U, in the gradient's dtype.
@@ -155,7 +161,7 @@ def precondition(grad: jax.Array, nu: Any, row_mean: Any = None) -> jax.Array:
   u = _numerics.upcast(grad)
   for factor in _inverse_sqrt_factors(nu, dtype, row_mean):
     u = u * factor.astype(u.dtype)
-  return u.astype(grad.dtype)
+  return u.astype(grad.dtype) if narrow is None else narrow(u, grad.dtype)
 
 
 def _check_params_dtypes(params: optax.Params) -> None:
@@ -319,7 +325,8 @@ def factored_step(
 ) -> tuple[list, list]:
   """One step on the flattened leaves: ``(U_t, clipped if asked; the new statistics)``."""
   moments_t, row_means = new_moments(grads, moments, blocks, b2=b2, eps=eps, plan=plan)
-  updates = [precondition(g, v, r) for g, v, r in zip(grads, moments_t, row_means)]
+  updates = [precondition(g, v, r, narrow=_numerics.narrow)
+             for g, v, r in zip(grads, moments_t, row_means)]
   if clipping_threshold is not None:
     rms = update_rms(grads, moments, moments_t, row_means, blocks, b2=b2, eps=eps, plan=plan)
     updates = [_clipping.clip_to_rms(u, r, clipping_threshold) for u, r in zip(updates, rms)]

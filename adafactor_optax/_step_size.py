@@ -92,8 +92,9 @@ def relative_step_size(
       # for the parameter update, would be a full-size float32 buffer.
       p_rms = _grouping.block_rms_per_leaf(
           lambda p: p, blocks, *_grouping.unshared([params], plan=plan)[0], plan=plan)
-      return [(_numerics.upcast(u) * alpha(r, rho, eps2).astype(_numerics.upcast_dtype(u.dtype))
-               ).astype(u.dtype) for u, r in zip(updates, p_rms)]
+      wide = [_numerics.upcast(u) * alpha(r, rho, eps2).astype(_numerics.upcast_dtype(u.dtype))
+              for u, r in zip(updates, p_rms)]
+      return [_numerics.narrow(w, u.dtype) for w, u in zip(wide, updates)]
 
     updates = jax.tree.unflatten(treedef, _grouping.per_backend(
         scale, [u for _, u in paths_leaves],

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import adafactor_optax as ao
+from adafactor_optax import _numerics
 from tests import helpers
 from tests import reference as ref
 
@@ -182,3 +183,46 @@ def test_skip_non_finite_with_zero_size_leaves():
   bad = {"empty": params["empty"], "w": _poisoned(params["w"], np.nan)}
   updates, state = step(tx, bad, params, state)
   assert float(jnp.max(jnp.abs(updates["w"]))) == 0 and int(state.skipped) == 1
+
+
+# --- float32 -> bfloat16 on its bits (`_numerics.narrow`, the CPU's form) ----------------
+
+
+def _special_float32_bits():
+  """Bit patterns where rounding to bfloat16 can go wrong, as uint32."""
+  low = np.array([0x0000, 0x0001, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+  # Exact ties (low half 0x8000) below an even and an odd last kept bit, and their
+  # neighbours; the carry into the exponent; the largest finite values (round to inf).
+  highs = np.array([0x3F80, 0x3F81, 0x3FFF, 0x7F7F, 0x7F7E, 0x0000, 0x0001, 0x007F, 0x0080],
+                   np.uint32)
+  finite = (highs[:, None] << 16 | low[None, :]).ravel()
+  infinities = np.array([0x7F800000], np.uint32)
+  # NaNs: quiet, and signalling with the payload in the kept or only in the dropped bits.
+  nans = np.array([0x7FC00000, 0x7F800001, 0x7F808000, 0x7FBFFFFF, 0x7F810000], np.uint32)
+  one_sign = np.concatenate([finite, infinities, nans])
+  return np.concatenate([one_sign, one_sign | np.uint32(0x80000000)])
+
+
+def test_bfloat16_by_bits_rounds_as_the_convert():
+  """The CPU's integer rounding gives ml_dtypes' (NumPy's) round-to-nearest-even, bit for
+  bit, on every finite value class and infinities; a NaN stays a NaN of its sign."""
+  rng = np.random.default_rng(0)
+  bits = np.concatenate([_special_float32_bits(),
+                         rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)])
+  x = bits.view(np.float32)
+  got = np.asarray(jax.jit(lambda x: _numerics.narrow(x, jnp.bfloat16))(x))
+  assert got.dtype == jnp.bfloat16
+  nan = np.isnan(x)
+  want = x[~nan].astype(jnp.bfloat16)  # ml_dtypes: the conversion of NumPy, not XLA's
+  np.testing.assert_array_equal(got[~nan].view(np.uint16), want.view(np.uint16))
+  top = got[nan].view(np.uint16)  # NaN: all exponent bits and a nonzero fraction, its sign
+  assert ((top & 0x7F80) == 0x7F80).all() and ((top & 0x007F) != 0).all()
+  np.testing.assert_array_equal(top >> 15, bits[nan] >> 31)
+
+
+def test_narrow_differentiates_as_astype():
+  x = jnp.array([1.0, -3.5, 1e-3], jnp.float32)
+  f = lambda x: jnp.sum(_numerics.narrow(x * x, jnp.bfloat16).astype(jnp.float32))
+  g = lambda x: jnp.sum((x * x).astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), jax.jit(jax.grad(g))(x))
+  assert jax.jit(lambda x: _numerics.narrow(x, jnp.float16))(x).dtype == jnp.float16
