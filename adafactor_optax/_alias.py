@@ -225,5 +225,19 @@ def adafactor(
     chain = _leafwise.leaf_by_leaf(
         chain, lambda path, shape: _factoring.batch_axes(rule, path, shape),
         tie=not (int8 or skip_non_finite))
+  if int8:  # it reads each update twice (its block max, its values): see `_numerics.narrow`
+    chain = _narrowed_by_bits(chain)
   # Boxed (Flax) parameters: a state whose metadata fits each of its own arrays.
   return _flax.with_flax_metadata(_finite.skip_non_finite(chain) if skip_non_finite else chain)
+
+
+def _narrowed_by_bits(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`inner` traced inside `_numerics.narrowing_by_bits`: its links round their float32
+  updates to bfloat16 on the bits on CPU, which XLA:CPU recomputes where they are read twice."""
+  inner = optax.with_extra_args_support(inner)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    with _numerics.narrowing_by_bits():
+      return inner.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)

@@ -1,5 +1,8 @@
 """Dtype policy, block RMS and hyperparameter checks shared by the transforms."""
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -32,11 +35,25 @@ def upcast(x: jax.Array) -> jax.Array:
 # XLA:CPU counts a float32 -> bfloat16 convert as expensive and will not compute it
 # twice: an update narrowed at the end of one link and read by two kernels of the next
 # (int8 momentum's block max and its values) is written to memory, a bfloat16 copy of
-# the parameters each step (1.05x their bytes of temporaries, bfloat16 parameters with
-# int8 momentum; 0.05x narrowed by bits). The same rounding done on the bits, integer
-# adds and shifts, it recomputes in each kernel. Other backends convert natively.
+# the parameters each step (1.04x their bytes of temporaries, bfloat16 parameters with
+# int8 momentum; 0.05x narrowed by bits, `benchmarks/results/step_time_cpu_bf16.md`).
+# The same rounding done on the bits, integer adds and shifts, it recomputes in each
+# kernel. It costs compile time (the 50m tree's bfloat16 step with int8 momentum:
+# 13-16 s against 11 s), so `adafactor` asks for it only where int8 momentum follows
+# (`narrowing_by_bits`). Other backends convert natively.
 _HALF_ULP = 0x7FFF  # float32 bits below bfloat16's last bit, less one: ties go to even
 _QUIET = 0x0040  # bfloat16's quiet-NaN bit
+_BY_BITS: contextvars.ContextVar[bool] = contextvars.ContextVar("narrow_by_bits", default=False)
+
+
+@contextlib.contextmanager
+def narrowing_by_bits() -> Iterator[None]:
+  """While tracing inside it, `narrow` rounds float32 to bfloat16 on the bits on CPU."""
+  token = _BY_BITS.set(True)
+  try:
+    yield
+  finally:
+    _BY_BITS.reset(token)
 
 
 @jax.custom_jvp
@@ -62,13 +79,10 @@ def _bfloat16_by_bits_jvp(primals, tangents):
 
 
 def narrow(x: jax.Array, dtype: Any) -> jax.Array:
-  """`x` in `dtype`, as ``x.astype(dtype)``; float32 -> bfloat16 by its bits on the CPU.
-
-  For an update that the next link reads more than once (see above); the values
-  are those of the convert.
-  """
+  """`x` in `dtype`, as ``x.astype(dtype)``; inside `narrowing_by_bits`, float32 ->
+  bfloat16 by its bits on the CPU (see above), with the convert's values."""
   dtype = jnp.dtype(dtype)
-  if x.dtype != jnp.float32 or dtype != jnp.bfloat16:
+  if not _BY_BITS.get() or x.dtype != jnp.float32 or dtype != jnp.bfloat16:
     return x.astype(dtype)
   return jax.lax.platform_dependent(x, cpu=_bfloat16_by_bits, default=lambda y: y.astype(dtype))
 

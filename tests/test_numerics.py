@@ -210,7 +210,8 @@ def test_bfloat16_by_bits_rounds_as_the_convert():
   bits = np.concatenate([_special_float32_bits(),
                          rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)])
   x = bits.view(np.float32)
-  got = np.asarray(jax.jit(lambda x: _numerics.narrow(x, jnp.bfloat16))(x))
+  with _numerics.narrowing_by_bits():
+    got = np.asarray(jax.jit(lambda x: _numerics.narrow(x, jnp.bfloat16))(x))
   assert got.dtype == jnp.bfloat16
   nan = np.isnan(x)
   want = x[~nan].astype(jnp.bfloat16)  # ml_dtypes: the conversion of NumPy, not XLA's
@@ -224,5 +225,15 @@ def test_narrow_differentiates_as_astype():
   x = jnp.array([1.0, -3.5, 1e-3], jnp.float32)
   f = lambda x: jnp.sum(_numerics.narrow(x * x, jnp.bfloat16).astype(jnp.float32))
   g = lambda x: jnp.sum((x * x).astype(jnp.bfloat16).astype(jnp.float32))
-  np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), jax.jit(jax.grad(g))(x))
-  assert jax.jit(lambda x: _numerics.narrow(x, jnp.float16))(x).dtype == jnp.float16
+  with _numerics.narrowing_by_bits():
+    np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), jax.jit(jax.grad(g))(x))
+    assert jax.jit(lambda x: _numerics.narrow(x, jnp.float16))(x).dtype == jnp.float16
+
+
+def test_narrow_is_the_convert_outside_its_context():
+  """Only int8 momentum's chain asks for the bits (they cost compile time)."""
+  text = lambda: jax.jit(lambda x: _numerics.narrow(x, jnp.bfloat16)).lower(
+      jnp.ones(4)).as_text()
+  assert "shift_right" not in text()
+  with _numerics.narrowing_by_bits():
+    assert "shift_right" in text()
