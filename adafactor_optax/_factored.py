@@ -141,7 +141,8 @@ def _inverse_sqrt_factors(nu: Any, dtype: Any, row_mean: Any = None) -> tuple[ja
 
 
 def precondition(
-    grad: jax.Array, nu: Any, row_mean: Any = None, *, narrow: Any = None
+    grad: jax.Array, nu: Any, row_mean: Any = None, *,
+    narrow: Callable[[jax.Array, Any], jax.Array] | None = None
 ) -> jax.Array:
   """``U = G / sqrt(V)``, with ``V = R C / mean(R)`` for a factored parameter.
 
