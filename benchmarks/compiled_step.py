@@ -48,7 +48,6 @@ if __name__ == "__main__":
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
@@ -115,10 +114,6 @@ def pod_shapes(smoke):
           memory.decoder_shapes(2048, 5632, 22, 32, 4, 64, 32000))
 
 
-def _shard_elements(shape, sharding):
-  return math.prod(sharding.shard_shape(tuple(shape)))
-
-
 def statistics_floor_bytes(tx, params):
   """Per chip, the collective bytes that the factored statistics alone must move.
 
@@ -141,14 +136,11 @@ def statistics_floor_bytes(tx, params):
     for p, m, s in zip(jax.tree.leaves(params), moments, places):
       if not factored(m):
         continue
-      spec = tuple(p.sharding.spec) + (None,) * (p.ndim - len(p.sharding.spec))
-      sizes = dict(zip(p.sharding.mesh.axis_names, p.sharding.mesh.axis_sizes))
-      split = [math.prod(sizes[a] for a in ((e,) if isinstance(e, str) else e or ()))
-               for e in spec]
+      shard = p.sharding.shard_shape(p.shape)
       for stat, where in ((m.v_row, s.v_row), (m.v_col, s.v_col)):
         summed = [a for a in range(p.ndim) if stat.shape[a] == 1 and p.shape[a] > 1]
-        if any(split[a] > 1 for a in summed):
-          total += 2 * _shard_elements(stat.shape, where) * jnp.dtype(stat.dtype).itemsize
+        if any(shard[a] < p.shape[a] for a in summed):  # split over devices
+          total += 2 * memory.shard_bytes(stat, where)
   return total
 
 
